@@ -128,5 +128,13 @@ class QueueStore(abc.ABC):
         """Every queued message with its recipients, oldest first."""
 
     @abc.abstractmethod
+    def collect_orphans(self, older_than: float) -> Deferred[int]:
+        """Remove body files of sessions that died before commit; returns how many.
+
+        Only files older than `older_than` seconds go: another process may be writing a
+        fresh one right now.
+        """
+
+    @abc.abstractmethod
     def body_path(self, queue_id: str) -> str:
         """Path of the stored body file (read-only use)."""

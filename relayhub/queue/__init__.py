@@ -1,0 +1,1 @@
+"""The message queue: the backend-neutral interface in `store` and its implementations."""

@@ -1,0 +1,525 @@
+"""The SQLite queue backend: body files and a WAL database, group-committed on one thread."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relayhub.errors import TemporaryFailure
+from relayhub.queue import schema, spool
+from relayhub.queue.ids import is_queue_id, new_queue_id
+from relayhub.queue.store import (
+    Envelope,
+    IncomingMessage,
+    QueueStore,
+    RecipientRequest,
+    RecipientStatus,
+    StoredMessage,
+    StoredRecipient,
+)
+
+T = TypeVar("T")
+
+# A lock that outlasts busy_timeout this many times over is a real problem worth reporting.
+LOCK_RETRIES = 5
+ID_ATTEMPTS = 10
+
+MESSAGE_COLUMNS = (
+    "id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,"
+    " client_name, client_address, helo, protocol, auth_user"
+)
+RECIPIENT_COLUMNS = (
+    "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error"
+)
+
+# Errors that concern one message of a batch (bad data, a body file that vanished); anything
+# else (disk full, I/O error) fails the whole batch.
+PER_MESSAGE_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    ValueError,
+    OSError,
+)
+
+
+class QueueStateError(RuntimeError):
+    """The store or message is used in the wrong state (not open, already committed)."""
+
+
+class BodyReplacedError(OSError):
+    """The body file was removed or replaced before its row was committed."""
+
+
+@dataclass
+class QueueStats:
+    """Counters, updated on the reactor thread."""
+
+    commits: int = 0  # messages durably queued
+    batches: int = 0  # SQLite transactions (and directory fsyncs) that committed them
+    failures: int = 0  # commits answered with TemporaryFailure
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the worker thread needs to make one message durable."""
+
+    queue_id: str
+    path: Path
+    file: BinaryIO
+    arrival: float
+    size: int
+    envelope: Envelope
+    subject: str
+
+
+@dataclass(frozen=True)
+class _Pending:
+    job: _Job
+    done: Deferred[None]
+
+
+class _SQLiteIncoming(IncomingMessage):
+    def __init__(
+        self, store: SQLiteQueueStore, queue_id: str, path: Path, file: BinaryIO, arrival: float
+    ) -> None:
+        self.queue_id = queue_id
+        self._store = store
+        self._path = path
+        self._file = file
+        self._arrival = arrival
+        self._size = 0
+        # A write error is kept for commit() so that the SMTP session can read DATA to
+        # its end and only then answer 451.
+        self._error: OSError | None = None
+        self._finished = False
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise QueueStateError(f"{self.queue_id}: write after commit or abort")
+        if self._error is not None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self._error = exc
+        self._size += len(data)
+
+    def commit(self, envelope: Envelope, subject: str = "") -> Deferred[None]:
+        if self._finished:
+            raise QueueStateError(f"{self.queue_id}: commit after commit or abort")
+        self._finished = True
+        if self._error is not None:
+            self._store.log.error(
+                "{queue_id}: cannot write body: {error}", queue_id=self.queue_id, error=self._error
+            )
+            self._discard()
+            self._store.stats.failures += 1
+            return fail(TemporaryFailure())
+        job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
+                   subject)
+        return self._store._enqueue(job)
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._discard()
+
+    def _discard(self) -> None:
+        spool.close_quietly(self._file)
+        spool.remove(self._path)
+        self._store._live_ids.discard(self.queue_id)
+
+
+class SQLiteQueueStore(QueueStore):
+    """The queue under `<state_dir>/queue/`: `queue.db` (WAL) and `bodies/<queue id>`.
+
+    Every SQLite call and fsync runs on this store's single worker thread, which also owns
+    the connection. Several processes may each open their own store on one state_dir.
+    """
+
+    log = Logger()
+
+    def __init__(self, state_dir: Path, *, busy_timeout: float = 30.0, reactor: Any = None
+                 ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.directory = Path(state_dir) / "queue"
+        self.db_path = self.directory / "queue.db"
+        self.bodies = self.directory / "bodies"
+        self.stats = QueueStats()
+        self._reactor = reactor
+        self._busy_timeout = busy_timeout
+        self._pool = ThreadPool(1, 1, name=f"relayhub-queue:{self.directory}")
+        # SystemRandom: a forked process must not repeat its parent's ID suffixes.
+        self._rng = random.SystemRandom()
+        self._ready = False
+        self._shutdown_trigger: Any = None
+        self._live_ids: set[str] = set()  # bodies being received here (orphan sweep skips them)
+        self._pending: list[_Pending] = []
+        self._writing = False
+        self._idle_waiters: list[Deferred[None]] = []
+        # Worker-thread only:
+        self._conn: sqlite3.Connection | None = None
+        self._dir_fd = -1
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        if self._pool.started:
+            return fail(QueueStateError("queue store already open"))
+        self._pool.start()
+
+        def opened(_: None) -> None:
+            self._ready = True
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self._on_shutdown
+            )
+
+        def failed(reason: Failure) -> Failure:
+            self._pool.stop()
+            return reason
+
+        d = deferToThreadPool(self._reactor, self._pool, self._open_sync)
+        d.addCallbacks(opened, failed)
+        return d
+
+    def close(self) -> Deferred[None]:
+        if not self._ready:
+            return succeed(None)
+        self._ready = False
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        idle: Deferred[None] = Deferred()
+        if self._writing:
+            self._idle_waiters.append(idle)
+        else:
+            idle.callback(None)
+
+        def release(_: None) -> Deferred[None]:
+            return deferToThreadPool(self._reactor, self._pool, self._close_sync)
+
+        def stop_pool(result: object) -> object:
+            self._pool.stop()  # the worker is idle by now, so this join is immediate
+            return result
+
+        idle.addCallback(release)
+        idle.addBoth(stop_pool)
+        return idle
+
+    def _on_shutdown(self) -> Deferred[None]:
+        self._shutdown_trigger = None
+        return self.close()
+
+    def _open_sync(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.bodies.mkdir(mode=0o700, exist_ok=True)
+        self._conn = self._retry_busy(lambda: schema.connect(self.db_path, self._busy_timeout))
+        try:
+            self._retry_busy(lambda: schema.migrate(self._db))
+            # Per-batch fsyncs cover entries in bodies/, not bodies/ and queue.db themselves.
+            for directory in (self.directory.parent, self.directory):
+                spool.fsync_directory(directory)
+            self._dir_fd = spool.open_directory(self.bodies)
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _close_sync(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise QueueStateError("queue store is not open")
+        return self._conn
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def incoming(self) -> IncomingMessage:
+        """Allocate an ID and create its body file; raises TemporaryFailure if impossible."""
+        if not self._ready:
+            raise QueueStateError("queue store is not open")
+        for _ in range(ID_ATTEMPTS):
+            arrival = time.time()
+            queue_id = new_queue_id(arrival, self._rng)
+            path = self.bodies / queue_id
+            try:
+                file = spool.create_exclusive(path)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                self.log.error("cannot create {path}: {error}", path=path, error=exc)
+                raise TemporaryFailure() from exc
+            self._live_ids.add(queue_id)
+            return _SQLiteIncoming(self, queue_id, path, file, arrival)
+        raise TemporaryFailure()
+
+    def _enqueue(self, job: _Job) -> Deferred[None]:
+        if not self._ready:
+            spool.close_quietly(job.file)
+            spool.remove(job.path)
+            self._live_ids.discard(job.queue_id)
+            self.stats.failures += 1
+            return fail(TemporaryFailure())
+        done: Deferred[None] = Deferred()
+        self._pending.append(_Pending(job, done))
+        if not self._writing:
+            self._start_batch()
+        return done
+
+    def _start_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing = True
+        d = deferToThreadPool(
+            self._reactor, self._pool, self._write_batch, [p.job for p in batch]
+        )
+        d.addBoth(self._batch_done, batch)
+
+    def _batch_done(
+        self, result: tuple[list[Exception | None], bool] | Failure, batch: list[_Pending]
+    ) -> None:
+        if isinstance(result, Failure):
+            # Only a bug gets here; nothing of this batch can be trusted to be queued.
+            self.log.failure("queue batch failed", result)
+            errors: list[Exception | None] = [TemporaryFailure()] * len(batch)
+            for p in batch:
+                spool.close_quietly(p.job.file)
+                spool.remove(p.job.path)
+            transacted = False
+        else:
+            errors, transacted = result
+        self._writing = False
+        # Start the next batch before firing callbacks, so commits made from those
+        # callbacks queue behind it instead of going one by one.
+        if self._pending:
+            self._start_batch()
+        self.stats.batches += int(transacted)
+        for p, error in zip(batch, errors, strict=True):
+            self._live_ids.discard(p.job.queue_id)
+            if error is None:
+                self.stats.commits += 1
+                p.done.callback(None)
+            else:
+                self.stats.failures += 1
+                self.log.error(
+                    "{queue_id}: cannot queue message: {error}",
+                    queue_id=p.job.queue_id, error=error,
+                )
+                p.done.errback(TemporaryFailure())
+        if not self._writing:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _write_batch(self, jobs: list[_Job]) -> tuple[list[Exception | None], bool]:
+        """Worker thread: fsync each body, the directory once, then one transaction."""
+        errors: list[Exception | None] = [None] * len(jobs)
+        identities: dict[int, spool.FileIdentity] = {}
+        for i, job in enumerate(jobs):
+            try:
+                identities[i] = spool.sync_and_close(job.file)
+            except OSError as exc:
+                errors[i] = exc
+        transacted = False
+        if identities:
+            try:
+                os.fsync(self._dir_fd)
+                rejected = self._retry_busy(lambda: self._insert(jobs, identities))
+                transacted = True
+                for i, reason in rejected.items():
+                    errors[i] = reason
+            except (OSError, sqlite3.Error) as exc:
+                for i in identities:
+                    errors[i] = exc
+        for job, failed in zip(jobs, errors, strict=True):
+            if failed is not None:
+                spool.remove(job.path)
+        return errors, transacted
+
+    def _insert(
+        self, jobs: list[_Job], identities: dict[int, spool.FileIdentity]
+    ) -> dict[int, Exception]:
+        db = self._db
+        rejected: dict[int, Exception] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for i, identity in identities.items():
+                job = jobs[i]
+                db.execute("SAVEPOINT message")
+                try:
+                    # Checked under the write lock that collect_orphans also takes, so a
+                    # body swept by another process is noticed here rather than lost.
+                    if not spool.is_same_file(job.path, identity):
+                        raise BodyReplacedError(f"{job.path} vanished before commit")
+                    self._insert_one(db, job)
+                except PER_MESSAGE_ERRORS as exc:
+                    db.execute("ROLLBACK TO message")
+                    rejected[i] = exc
+                db.execute("RELEASE message")
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return rejected
+
+    @staticmethod
+    def _insert_one(db: sqlite3.Connection, job: _Job) -> None:
+        env = job.envelope
+        db.execute(
+            f"INSERT INTO messages ({MESSAGE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.queue_id, job.arrival, env.sender, job.size, job.subject, env.body_type,
+             env.smtputf8, env.ret, env.envid, env.client_name, env.client_address, env.helo,
+             env.protocol, env.auth_user),
+        )
+        db.executemany(
+            f"INSERT INTO recipients ({RECIPIENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL)",
+            [
+                (job.queue_id, idx, r.address, r.orcpt, ",".join(r.notify),
+                 RecipientStatus.QUEUED.value, job.arrival)
+                for idx, r in enumerate(env.recipients)
+            ],
+        )
+
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                self.log.warn("rollback failed: {error}", error=exc)
+
+    def _retry_busy(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying when SQLite still reports a lock after busy_timeout."""
+        delay = 0.01
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not schema.is_busy(exc) or attempt == LOCK_RETRIES:
+                    raise
+                self._rollback()
+                self.log.warn("queue database busy, retrying: {error}", error=exc)
+                time.sleep(delay * (0.5 + self._rng.random()))
+                delay = min(delay * 4, 1.0)
+        raise AssertionError("unreachable")
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def collect_orphans(self, older_than: float) -> Deferred[int]:
+        """Remove body files that have no message row and were last written more than
+        `older_than` seconds ago; fires with how many were removed.
+
+        Choose `older_than` above the SMTP timeout: a body still being received by another
+        process is recognised only by its recent mtime.
+        """
+        return self._call(self._collect_sync, older_than, frozenset(self._live_ids))
+
+    def _collect_sync(self, older_than: float, live: frozenset[str]) -> int:
+        candidates = [q for q in spool.stale_bodies(self.bodies, older_than) if q not in live]
+        if not candidates:
+            return 0
+        db = self._db
+        # The write lock orders this sweep against commits (see _insert).
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            queued = {row[0] for row in db.execute("SELECT id FROM messages")}
+            orphans = [q for q in candidates if q not in queued]
+            for queue_id in orphans:
+                spool.remove(self.bodies / queue_id)
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        if orphans:
+            self.log.info("removed {count} orphan body files", count=len(orphans))
+        return len(orphans)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def get_message(self, queue_id: str) -> Deferred[StoredMessage | None]:
+        if not is_queue_id(queue_id):
+            return succeed(None)
+
+        def one() -> StoredMessage | None:
+            found = self._load(queue_id)
+            return found[0] if found else None
+
+        return self._call(one)
+
+    def list_messages(self) -> Deferred[Sequence[StoredMessage]]:
+        return self._call(self._load, None)
+
+    def body_path(self, queue_id: str) -> str:
+        if not is_queue_id(queue_id):
+            raise ValueError(f"not a queue ID: {queue_id!r}")
+        return str(self.bodies / queue_id)
+
+    def _load(self, queue_id: str | None) -> list[StoredMessage]:
+        db = self._db
+        where, args = ("WHERE id = ?", (queue_id,)) if queue_id else ("", ())
+        rwhere = "WHERE message_id = ?" if queue_id else ""
+        db.execute("BEGIN")  # one snapshot for both queries
+        try:
+            messages = db.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages {where} ORDER BY arrival, id", args
+            ).fetchall()
+            recipients = db.execute(
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients {rwhere} ORDER BY message_id, idx",
+                args,
+            ).fetchall()
+        finally:
+            self._rollback()
+        by_message: dict[str, list[StoredRecipient]] = {}
+        for mid, idx, address, orcpt, notify, status, attempts, next_attempt, last_error in (
+            recipients
+        ):
+            by_message.setdefault(mid, []).append(StoredRecipient(
+                index=idx, address=address, orcpt=orcpt,
+                notify=tuple(notify.split(",")) if notify else (),
+                status=RecipientStatus(status), attempts=attempts,
+                next_attempt=next_attempt, last_error=last_error,
+            ))
+        return [self._message(row, tuple(by_message.get(row[0], ()))) for row in messages]
+
+    @staticmethod
+    def _message(row: tuple[Any, ...], recipients: tuple[StoredRecipient, ...]) -> StoredMessage:
+        (queue_id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,
+         client_name, client_address, helo, protocol, auth_user) = row
+        envelope = Envelope(
+            sender=sender,
+            recipients=tuple(RecipientRequest(r.address, r.orcpt, r.notify) for r in recipients),
+            body_type=body_type, smtputf8=bool(smtputf8), ret=ret, envid=envid,
+            client_name=client_name, client_address=client_address, helo=helo,
+            protocol=protocol, auth_user=auth_user,
+        )
+        return StoredMessage(queue_id=queue_id, envelope=envelope, arrival=arrival, size=size,
+                             subject=subject, held=bool(held), recipients=recipients)
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        if not self._ready:
+            return fail(QueueStateError("queue store is not open"))
+        return deferToThreadPool(
+            self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
+        )
