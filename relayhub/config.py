@@ -320,7 +320,7 @@ def _check_endpoint(description: str) -> None:
     from twisted.internet import reactor
 
     # Builds the endpoint object only; nothing listens. (Twisted leaves it unannotated.)
-    serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    serverFromString(reactor, description)
 
 
 # --------------------------------------------------------------------------- value parsers
