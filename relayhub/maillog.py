@@ -1,0 +1,26 @@
+"""The hub's log lines, named once here (Postfix style) so operators can grep for them.
+
+Each constant is a `twisted.logger` format string; its fields travel as structured
+event keys too, so the JSON log carries `queue_id`, `client` and friends as separate values.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+SMTPD = Logger(namespace="relayhub.smtpd")
+
+CONNECT = "connect from {client}"
+DISCONNECT = "disconnect from {client} {counts}"
+QUEUED = "{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt}, client={client}"
+REJECT = (
+    "NOQUEUE: reject: {stage} from {client}: {reply}; "
+    "from=<{sender}> to=<{recipient}> proto={proto} helo=<{helo}>"
+)
+REFUSED_MESSAGE = "{queue_id}: reject: DATA from {client}: {reply}; from=<{sender}>"
+LIMIT = "{reason} from {client}: {reply}"
+TIMEOUT = "timeout after {stage} from {client}"
+LOST = "lost connection after {stage} from {client}"
+STORE_FAILED = "{queue_id}: queue write failed for {client}: {error}"
+INTERNAL_ERROR = "internal error on {command} from {client}"
+LISTENING = "{service} listening on {endpoint}"

@@ -1,0 +1,514 @@
+"""The ESMTP server protocol: a thin state machine over our own framing that asks the
+acceptance policy about addresses and the queue store to keep messages.
+
+Twisted's `twisted.mail.smtp.ESMTP` is not used (TWISTED-NOTES): it answers out of order
+under pipelining, falls back to command mode inside DATA, and lacks the extensions. Here:
+- one command is handled at a time; while its reply is pending (a Deferred, e.g. the
+  fsync after DATA) input is paused and buffered, so replies always come in order and no
+  body byte can be read as a command;
+- DATA goes through `DataReader`, which alone decides where the data ends;
+- every refusal is an `SMTPReply` raised by policy or parsing code, answered here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from relayhub import maillog
+from relayhub.address import Mailbox
+from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
+from relayhub.policy import AcceptancePolicy, ClientContext
+from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
+from relayhub.smtp.data import DataReader
+from relayhub.smtp.headers import HeaderPrefix, received_header
+from relayhub.smtp.params import parse_mail, parse_rcpt
+
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+MAX_COMMAND_LINE = 512
+# A message that has passed through more hops than this is looping (RFC 5321 §6.3).
+MAX_HOPS = 50
+# After this many 5xx replies the client is not talking SMTP in good faith.
+MAX_ERRORS = 10
+
+_LOG = maillog.SMTPD
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What one SMTP listener needs to know, taken from the settings once."""
+
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    timeout: float
+    max_line_length: int
+    normalize_bare_newlines: bool
+    submission: bool = False
+
+
+class _Mode(enum.Enum):
+    COMMAND = "command"
+    DATA = "data"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Transaction:
+    """One MAIL ... DATA exchange."""
+
+    sender: Mailbox | None
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    recipients: list[RecipientRequest] = field(default_factory=list)
+
+
+Reply = tuple[int, str, str] | list[str]  # (code, status, text), or ready-made lines
+# What a command handler returns: a reply now, one later, or None when it answered itself.
+Outcome = Reply | defer.Deferred[Reply] | None
+
+
+class SMTPServerProtocol(Protocol, TimeoutMixin):
+    """One SMTP session."""
+
+    factory: SMTPServerFactory
+
+    def __init__(self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore) -> None:
+        self.config = config
+        self.policy = policy
+        self.store = store
+        self._mode = _Mode.COMMAND
+        self._buffer = bytearray()
+        self._discarding_long_line = False
+        self._pending = False  # a Deferred reply is outstanding; input is paused
+        self._helo = ""
+        self._esmtp = False
+        self._transaction: _Transaction | None = None
+        self._incoming: IncomingMessage | None = None
+        self._reader: DataReader | None = None
+        self._header_prefix: HeaderPrefix | None = None
+        self._errors = 0
+        self._stage = "CONNECT"
+        self._counts: dict[str, int] = {}
+        self.client_address = ""
+        self.client_name = "unknown"
+        self.client: ClientContext | None = None
+
+    # -- connection ------------------------------------------------------------------
+
+    @property
+    def _transport(self) -> Any:
+        # zope.interface methods are opaque to mypy without a plugin; treat it as dynamic.
+        return self.transport
+
+    @property
+    def _client_label(self) -> str:
+        return f"{self.client_name}[{self.client_address}]"
+
+    def connectionMade(self) -> None:
+        peer: IAddress = self._transport.getPeer()
+        self.client_address = getattr(peer, "host", "") or "unix"
+        trusted = self.policy.is_trusted(self.client_address)
+        self.client = ClientContext(
+            address=self.client_address,
+            trusted=trusted,
+            authenticated=False,
+            submission=self.config.submission,
+        )
+        _LOG.info(maillog.CONNECT, client=self._client_label)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            _LOG.warn(maillog.LIMIT, reason=refusal, client=self._client_label, reply="421")
+            self._send([f"421 4.7.0 {self.config.hostname} Error: {refusal}, try again later"])
+            self._close()
+            return
+        self.setTimeout(self.config.timeout)
+        self._send([f"220 {self.config.hostname} ESMTP relayhub"])
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
+        if self._mode is not _Mode.CLOSED and self._stage not in ("QUIT", "CONNECT"):
+            _LOG.info(maillog.LOST, stage=self._stage, client=self._client_label)
+        self._mode = _Mode.CLOSED
+        self._abort_incoming()
+        self.factory.release(self)
+        counts = " ".join(f"{verb.lower()}={n}" for verb, n in self._counts.items())
+        _LOG.info(maillog.DISCONNECT, client=self._client_label, counts=counts)
+
+    def timeoutConnection(self) -> None:
+        _LOG.info(maillog.TIMEOUT, stage=self._stage, client=self._client_label)
+        self._send([f"421 4.4.2 {self.config.hostname} Error: timeout exceeded"])
+        self._close()
+
+    def _close(self) -> None:
+        self._mode = _Mode.CLOSED
+        self._abort_incoming()
+        self._transport.loseConnection()
+
+    # -- input -----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        self.resetTimeout()
+        if self._mode is _Mode.DATA:
+            self._feed_data(data)
+        else:
+            self._buffer += data
+        self._process_commands()
+
+    def _feed_data(self, data: bytes) -> None:
+        assert self._reader is not None
+        leftover = self._reader.feed(data)
+        if leftover is not None:
+            # What follows <CRLF>.<CRLF> is pipelined commands: keep it for after the reply.
+            self._mode = _Mode.COMMAND
+            self._buffer += leftover
+            self._end_of_data()
+
+    def _process_commands(self) -> None:
+        while self._mode is _Mode.COMMAND and not self._pending:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if len(self._buffer) > MAX_COMMAND_LINE:
+                    # Do not grow without bound while waiting for the end of a line.
+                    del self._buffer[:]
+                    if not self._discarding_long_line:
+                        self._discarding_long_line = True
+                        self._answer((500, "5.5.2", "Error: line too long"))
+                return
+            line = bytes(self._buffer[:newline]).rstrip(b"\r")
+            del self._buffer[: newline + 1]
+            if self._discarding_long_line:
+                self._discarding_long_line = False
+                continue
+            if len(line) + 2 > MAX_COMMAND_LINE:
+                self._answer((500, "5.5.2", "Error: line too long"))
+                continue
+            if self._buffer and not self._esmtp:
+                # The client sent more before our reply although PIPELINING was never
+                # offered: a spam engine or a smuggling attempt (RFC 2920 §3.1).
+                self._answer((554, "5.5.0", "Error: SMTP protocol synchronization"))
+                self._close()
+                return
+            self._dispatch(line)
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer((500, "5.5.2", "Error: command not recognized"))
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler: Callable[[str], Outcome] | None = (
+            getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
+        )
+        if handler is None:
+            self._answer((500, "5.5.2", "Error: command not recognized"))
+            return
+        self._stage = verb
+        self._counts[verb] = self._counts.get(verb, 0) + 1
+        try:
+            result = handler(arg.strip())
+        except SMTPReply as refusal:
+            self._answer((refusal.code, refusal.status, refusal.text))
+            return
+        except Exception:
+            # A bug must cost one reply, never the worker.
+            _LOG.failure(maillog.INTERNAL_ERROR, command=verb, client=self._client_label)
+            self._answer((451, "4.3.0", "Error: internal error"))
+            return
+        if isinstance(result, defer.Deferred):
+            self._wait_for(result)
+        elif result is not None:
+            self._answer(result)
+
+    def _wait_for(self, pending: defer.Deferred[Reply]) -> None:
+        self._pending = True
+        self._transport.pauseProducing()
+
+        def answered(reply: Reply) -> None:
+            self._pending = False
+            if self._mode is _Mode.CLOSED:
+                return
+            self._answer(reply)
+            self._transport.resumeProducing()
+            self._process_commands()
+
+        def failed(failure: Failure) -> None:
+            if failure.check(SMTPReply):
+                refusal: SMTPReply = failure.value  # type: ignore[assignment]
+                answered((refusal.code, refusal.status, refusal.text))
+            else:
+                _LOG.failure(maillog.INTERNAL_ERROR, failure, command=self._stage,
+                             client=self._client_label)
+                answered((451, "4.3.0", "Error: internal error"))
+
+        pending.addCallbacks(answered, failed)
+
+    # -- output ----------------------------------------------------------------------
+
+    def _send(self, lines: list[str]) -> None:
+        self._transport.write(
+            "".join(line + "\r\n" for line in lines).encode("utf-8")
+        )
+
+    def _answer(self, reply: Reply) -> None:
+        if isinstance(reply, list):
+            lines = reply
+            code = int(lines[-1][:3])
+        else:
+            code, status, text = reply
+            lines = [f"{code} {status} {text}"]
+        self._send(lines)
+        if code >= 500:
+            self._errors += 1
+            if self._errors >= MAX_ERRORS and self._mode is not _Mode.CLOSED:
+                _LOG.warn(maillog.LIMIT, reason="too many errors", client=self._client_label,
+                          reply="421 4.7.0")
+                self._send([f"421 4.7.0 {self.config.hostname} Error: too many errors"])
+                self._close()
+
+    def _reject(self, stage: str, refusal: SMTPReply, recipient: str = "") -> None:
+        txn = self._transaction
+        _LOG.info(
+            maillog.REJECT, stage=stage, client=self._client_label,
+            reply=f"{refusal.code} {refusal.status} {refusal.text}",
+            sender=str(txn.sender or "") if txn else "", recipient=recipient,
+            proto="ESMTP" if self._esmtp else "SMTP", helo=self._helo,
+        )
+
+    # -- commands --------------------------------------------------------------------
+
+    def _ehlo_keywords(self) -> list[str]:
+        return ["PIPELINING", f"SIZE {self.config.max_message_size}", "8BITMIME", "SMTPUTF8",
+                "ENHANCEDSTATUSCODES", "DSN", "HELP"]
+
+    def smtp_EHLO(self, arg: str) -> Reply:
+        if not arg:
+            raise SyntaxErrorReply("Syntax: EHLO hostname")
+        self._helo, self._esmtp, self._transaction = arg, True, None
+        names = [self.config.hostname, *self._ehlo_keywords()]
+        return [f"250-{name}" for name in names[:-1]] + [f"250 {names[-1]}"]
+
+    def smtp_HELO(self, arg: str) -> Reply:
+        if not arg:
+            raise SyntaxErrorReply("Syntax: HELO hostname")
+        self._helo, self._esmtp, self._transaction = arg, False, None
+        return [f"250 {self.config.hostname}"]
+
+    def smtp_MAIL(self, arg: str) -> Reply:
+        if not self._helo:
+            return (503, "5.5.1", "Error: send HELO/EHLO first")
+        if self._transaction is not None:
+            return (503, "5.5.1", "Error: nested MAIL command")
+        command = parse_mail(arg, smtputf8_offered=self._esmtp)
+        if command.size is not None and command.size > self.config.max_message_size:
+            return (552, "5.3.4", "Message size exceeds fixed limit")
+        self._transaction = _Transaction(
+            sender=command.sender, body_type=command.body_type, smtputf8=command.smtputf8,
+            ret=command.ret, envid=command.envid,
+        )
+        return (250, "2.1.0", "Ok")
+
+    def smtp_RCPT(self, arg: str) -> Reply:
+        txn = self._transaction
+        if txn is None:
+            return (503, "5.5.1", "Error: need MAIL command")
+        if len(txn.recipients) >= self.config.max_recipients:
+            return (452, "4.5.3", "Error: too many recipients")
+        command = parse_rcpt(arg, utf8=txn.smtputf8)
+        assert self.client is not None
+        try:
+            mailbox = self.policy.check_recipient(command.path, self.client)
+        except SMTPReply as refusal:
+            self._reject("RCPT", refusal, recipient=arg)
+            raise
+        txn.recipients.append(
+            RecipientRequest(address=str(mailbox), orcpt=command.orcpt, notify=command.notify)
+        )
+        return (250, "2.1.5", "Ok")
+
+    def smtp_DATA(self, arg: str) -> Outcome:
+        txn = self._transaction
+        if arg:
+            return (501, "5.5.4", "Syntax: DATA")
+        if txn is None:
+            return (503, "5.5.1", "Error: need RCPT command")
+        if not txn.recipients:
+            return (554, "5.5.1", "Error: no valid recipients")
+        try:
+            incoming = self.store.incoming()
+        except TemporaryFailure as failure:
+            _LOG.error(maillog.STORE_FAILED, queue_id="NOQUEUE", client=self._client_label,
+                       error=str(failure))
+            raise
+        self._incoming = incoming
+        self._header_prefix = HeaderPrefix()
+        self._reader = DataReader(
+            self._store_body, max_size=self.config.max_message_size,
+            max_line_length=self.config.max_line_length,
+            normalize_bare_newlines=self.config.normalize_bare_newlines,
+        )
+        incoming.write(received_header(
+            helo=self._helo, client_name=self.client_name, client_address=self.client_address,
+            hostname=self.config.hostname, protocol=self._protocol_keyword,
+            queue_id=incoming.queue_id, recipients=[r.address for r in txn.recipients],
+            now=self.factory.clock.seconds(),
+        ))
+        self._mode = _Mode.DATA
+        self._send(["354 End data with <CR><LF>.<CR><LF>"])
+        # Bytes the client already sent after DATA are the start of the body.
+        early, self._buffer = bytes(self._buffer), bytearray()
+        if early:
+            self._feed_data(early)
+        return None
+
+    @property
+    def _protocol_keyword(self) -> str:
+        return "ESMTP" if self._esmtp else "SMTP"
+
+    def _store_body(self, chunk: bytes) -> None:
+        assert self._incoming is not None and self._header_prefix is not None
+        self._incoming.write(chunk)
+        self._header_prefix.feed(chunk)
+
+    def _end_of_data(self) -> None:
+        txn, incoming, reader = self._transaction, self._incoming, self._reader
+        assert txn is not None and incoming is not None and reader is not None
+        assert self._header_prefix is not None
+        summary = self._header_prefix.summary()
+        self._transaction, self._reader, self._header_prefix = None, None, None
+        refusal: SMTPReply | None = None
+        if reader.defects.bare_newline:
+            refusal = SMTPReply(550, "5.5.2", "Error: bare <CR> or <LF> received")
+        elif reader.defects.line_too_long:
+            refusal = SMTPReply(500, "5.5.2", "Error: line too long")
+        elif reader.defects.too_big:
+            refusal = SMTPReply(552, "5.3.4", "Error: message file too big")
+        elif summary.received_count > MAX_HOPS:
+            refusal = SMTPReply(554, "5.4.6", "Error: too many hops")
+        if refusal is not None:
+            self._abort_incoming()
+            _LOG.info(maillog.REFUSED_MESSAGE, queue_id=incoming.queue_id,
+                      client=self._client_label, reply=str(refusal), sender=str(txn.sender or ""))
+            self._answer((refusal.code, refusal.status, refusal.text))
+            return
+        self._incoming = None
+        envelope = Envelope(
+            sender=str(txn.sender) if txn.sender else "",
+            recipients=tuple(txn.recipients), body_type=txn.body_type,
+            smtputf8=txn.smtputf8, ret=txn.ret, envid=txn.envid,
+            client_name=self.client_name, client_address=self.client_address,
+            helo=self._helo, protocol=self._protocol_keyword,
+        )
+        size = reader.size
+
+        def queued(_: object) -> Reply:
+            _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
+                      size=size, nrcpt=len(envelope.recipients), client=self._client_label)
+            return (250, "2.0.0", f"Ok: queued as {incoming.queue_id}")
+
+        def not_queued(failure: Failure) -> Failure:
+            _LOG.error(maillog.STORE_FAILED, queue_id=incoming.queue_id,
+                       client=self._client_label, error=failure.getErrorMessage())
+            if not failure.check(SMTPReply):
+                return Failure(TemporaryFailure())
+            return failure
+
+        self._wait_for(
+            incoming.commit(envelope, summary.subject).addCallbacks(queued, not_queued)
+        )
+
+    def _abort_incoming(self) -> None:
+        if self._incoming is not None:
+            self._incoming.abort()
+            self._incoming = None
+
+    def smtp_RSET(self, arg: str) -> Reply:
+        self._transaction = None
+        return (250, "2.0.0", "Ok")
+
+    def smtp_NOOP(self, arg: str) -> Reply:
+        return (250, "2.0.0", "Ok")
+
+    def smtp_HELP(self, arg: str) -> Reply:
+        return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP")
+
+    def smtp_VRFY(self, arg: str) -> Reply:
+        # Address verification arrives with the aliases work; until then answer as the
+        # "refused by policy" case does, revealing nothing (RFC 5321 §3.5.3).
+        if not arg:
+            raise SyntaxErrorReply("Syntax: VRFY address")
+        return (252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, arg: str) -> Reply:
+        if not arg:
+            raise SyntaxErrorReply("Syntax: EXPN name")
+        return (502, "5.7.0", "Error: EXPN is disabled")
+
+    def smtp_QUIT(self, arg: str) -> Outcome:
+        self._send([f"221 2.0.0 {self.config.hostname} Bye"])
+        self._close()
+        return None
+
+
+class SMTPServerFactory(ServerFactory):
+    """Builds sessions for one listener and enforces the connection limits.
+
+    The counts are per process for now; the multi-process master will count across workers.
+    """
+
+    noisy = False  # our own connect/disconnect lines say it better
+
+    def __init__(
+        self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.store = store
+        self.clock = clock
+        self.connections = 0
+        self._per_ip: dict[str, int] = {}
+        # False until the queue store has opened; sessions before that get 421.
+        self.ready = False
+
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:  # type: ignore[override]
+        protocol = SMTPServerProtocol(self.config, self.policy, self.store)
+        protocol.factory = self
+        return protocol
+
+    def admit(self, session: SMTPServerProtocol) -> str | None:
+        """Count a new session in; return why it is refused, or None."""
+        address = session.client_address
+        self.connections += 1
+        self._per_ip[address] = self._per_ip.get(address, 0) + 1
+        if not self.ready:
+            return "service is starting"
+        if self.connections > self.config.max_connections:
+            return "too many connections"
+        trusted = session.client is not None and session.client.trusted
+        if not trusted and self._per_ip[address] > self.config.max_connections_per_ip:
+            return f"too many connections from {address}"
+        return None
+
+    def release(self, session: SMTPServerProtocol) -> None:
+        address = session.client_address
+        if address in self._per_ip:
+            self.connections -= 1
+            self._per_ip[address] -= 1
+            if not self._per_ip[address]:
+                del self._per_ip[address]

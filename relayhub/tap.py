@@ -1,0 +1,138 @@
+"""twistd plugin options and the service tree that `twistd relayhub` runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relayhub.config import ConfigError, Settings, load_settings
+from relayhub.policy import AcceptancePolicy
+from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.store import QueueStore
+from relayhub.smtp.server import ServerConfig, SMTPServerFactory
+from relayhub.users import UserDatabase
+
+_LOG = Logger(namespace="relayhub")
+
+# A body file with no queue entry after this long belongs to a session that died mid-DATA
+# (the SMTP timeout bounds how long a live session can take to commit one).
+ORPHAN_AGE = 3600.0
+
+
+class Options(usage.Options):
+    synopsis = "[-c CONFIG]"
+    longdesc = (
+        "Runs the relayhub mail hub. Without -c, $RELAYHUB_CONFIG, then "
+        "/etc/relayhub/relayhub.toml, then the built-in defaults apply."
+    )
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, "configuration file (TOML)"],
+    ]
+
+    settings: Settings
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = load_settings(self["config"])
+        except ConfigError as error:
+            # One line per problem and exit 1; a traceback helps no administrator here.
+            sys.stderr.write(f"{error}\n")
+            raise SystemExit(1) from None
+
+
+def smtp_server_config(settings: Settings, *, submission: bool) -> ServerConfig:
+    smtp = settings.smtp
+    return ServerConfig(
+        hostname=settings.server.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_connections=smtp.max_connections,
+        max_connections_per_ip=smtp.max_connections_per_ip,
+        timeout=smtp.timeout,
+        max_line_length=smtp.max_line_length,
+        normalize_bare_newlines=smtp.bare_newline == "normalize",
+        submission=submission,
+    )
+
+
+class HubService(MultiService):
+    """The single-process hub: queue store, then the SMTP listeners on top of it.
+
+    Listening sockets are bound in privilegedStartService (before twistd drops root), but
+    sessions are refused with 421 until the store has opened, so none can reach a store
+    that is not there yet.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.settings = settings
+        self._reactor = reactor
+        self.store: QueueStore = SQLiteQueueStore(settings.server.state_dir)
+        self.users = UserDatabase(settings.users.file)
+        self.policy = AcceptancePolicy(
+            local_domains=settings.domains.local,
+            relay_domains=settings.domains.relay,
+            trusted_networks=settings.domains.trusted_networks,
+            directory=self.users,
+        )
+        self.factories: list[SMTPServerFactory] = []
+        for descriptions, submission in (
+            (settings.smtp.listen, False),
+            (settings.smtp.submission, True),
+        ):
+            factory = SMTPServerFactory(
+                smtp_server_config(settings, submission=submission), self.policy, self.store,
+                reactor,
+            )
+            self.factories.append(factory)
+            for description in descriptions:
+                service = StreamServerEndpointService(
+                    serverFromString(reactor, description), factory
+                )
+                service._raiseSynchronously = True  # a port in use stops start-up loudly
+                service.setName(f"smtp {description}")
+                service.setServiceParent(self)
+        TimerService(ORPHAN_AGE, self._collect_orphans).setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.open().addCallbacks(self._store_ready, self._store_failed)
+
+    def _store_ready(self, _: object) -> None:
+        for factory in self.factories:
+            factory.ready = True
+        for service in self:
+            if isinstance(service, StreamServerEndpointService):
+                _LOG.info("smtp listening on {endpoint}", endpoint=str(service.name)[5:])
+
+    def _store_failed(self, failure: Any) -> None:
+        _LOG.failure("cannot open the queue store", failure)
+        self._reactor.stop()
+
+    def _collect_orphans(self) -> defer.Deferred[Any] | None:
+        if not any(f.ready for f in self.factories):
+            return None
+        collected: defer.Deferred[Any] = self.store.collect_orphans(ORPHAN_AGE)
+        return collected.addErrback(
+            lambda failure: _LOG.failure("orphan collection failed", failure)
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped: defer.Deferred[None] = defer.maybeDeferred(super().stopService)
+        stopped.addCallback(lambda _: self.store.close())
+        return stopped
+
+
+def makeService(options: Options) -> MultiService:
+    return HubService(options.settings)

@@ -1,0 +1,168 @@
+"""Runs a real `twistd relayhub` daemon for tests: config file, free loopback ports, start,
+wait for the banner, kill -9, restart; and plain-socket SMTP helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        pairs = (f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(pairs) + " }"
+    raise TypeError(value)
+
+
+def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    lines: list[str] = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+class Hub:
+    """One relayhub daemon in `directory`, with its own state and ports."""
+
+    def __init__(self, directory: Path, overrides: Mapping[str, Mapping[str, Any]] = {}) -> None:
+        self.directory = directory
+        self.state_dir = directory / "state"
+        self.smtp_port = free_port()
+        self.pop3_port = free_port()
+        self.log_path = directory / "relayhub.log"
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"hostname": "hub.test", "state_dir": str(self.state_dir), "workers": 1},
+            "smtp": {"listen": [f"tcp:{self.smtp_port}:interface=127.0.0.1"]},
+            "pop3": {"listen": [f"tcp:{self.pop3_port}:interface=127.0.0.1"]},
+            "domains": {"local": ["localhost", "example.org"], "relay": ["relay.example"]},
+        }
+        for section, keys in overrides.items():
+            sections.setdefault(section, {}).update(keys)
+        self.config_path = directory / "relayhub.toml"
+        write_toml(self.config_path, sections)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Hub:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(TWISTD), "-n", "--pidfile=", "relayhub", "-c", str(self.config_path)],
+                cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"relayhub exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220 "):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"relayhub did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.process = None
+
+
+class SMTPConnection:
+    """A raw SMTP client socket: send exact bytes, read whole replies."""
+
+    def __init__(self, port: int, source: str | None = None, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout,
+            source_address=(source, 0) if source else None,
+        )
+        self._buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> list[str]:
+        """One reply, possibly multi-line, as text lines."""
+        lines: list[str] = []
+        while True:
+            while b"\r\n" not in self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed after {lines!r}")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\r\n", 1)
+            line = raw.decode()
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return lines
+
+    def code(self) -> int:
+        return int(self.reply()[-1][:3])
+
+    def command(self, line: str) -> list[str]:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def closed(self) -> bool:
+        """True once the server has closed the connection (after any unread replies)."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self._buf += chunk
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SMTPConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
