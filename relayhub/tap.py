@@ -47,21 +47,6 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
 
-def smtp_server_config(settings: Settings, *, submission: bool) -> ServerConfig:
-    smtp = settings.smtp
-    return ServerConfig(
-        hostname=settings.server.hostname,
-        max_message_size=smtp.max_message_size,
-        max_recipients=smtp.max_recipients,
-        max_connections=smtp.max_connections,
-        max_connections_per_ip=smtp.max_connections_per_ip,
-        timeout=smtp.timeout,
-        max_line_length=smtp.max_line_length,
-        normalize_bare_newlines=smtp.bare_newline == "normalize",
-        submission=submission,
-    )
-
-
 class HubService(MultiService):
     """The single-process hub: queue store, then the SMTP listeners on top of it.
 
@@ -92,8 +77,8 @@ class HubService(MultiService):
             (settings.smtp.submission, True),
         ):
             factory = SMTPServerFactory(
-                smtp_server_config(settings, submission=submission), self.policy, self.store,
-                reactor,
+                ServerConfig(settings.server.hostname, settings.smtp, submission),
+                self.policy, self.store, reactor,
             )
             self.factories.append(factory)
             for description in descriptions:

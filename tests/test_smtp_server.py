@@ -74,6 +74,12 @@ def ehlo(conn: SMTPConnection) -> list[str]:
     return lines
 
 
+def start_data(conn: SMTPConnection) -> None:
+    """A pipelined MAIL, RCPT, DATA to postmaster, up to the 354."""
+    conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
+    assert [conn.code() for _ in range(3)] == [250, 250, 354]
+
+
 def queued_id(reply: list[str]) -> str:
     assert reply[-1].startswith("250 2.0.0 Ok: queued as "), reply
     return reply[-1].rsplit(" ", 1)[1]
@@ -157,8 +163,7 @@ def test_smuggling_variants_queue_no_second_message(
     before = queue.ids()
     with session(hub) as conn:
         ehlo(conn)
-        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-        assert [conn.code() for _ in range(3)] == [250, 250, 354]
+        start_data(conn)
         conn.send(b"Subject: smuggle\r\n\r\nhello" + fake_end
                   + b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<postmaster@localhost>\r\n"
                   + b"DATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n")
@@ -192,8 +197,7 @@ def test_normalize_mode_keeps_smuggled_text_as_body(tmp_path: Path, reactor_thre
     try:
         with session(hub) as conn:
             ehlo(conn)
-            conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-            assert [conn.code() for _ in range(3)] == [250, 250, 354]
+            start_data(conn)
             conn.send(b"Subject: n\r\n\r\nhello\n.\nMAIL FROM:<evil@x.example>\r\n"
                       b"RCPT TO:<postmaster@localhost>\r\nDATA\r\nbare\rcr\r\n.\r\n")
             queue_id = queued_id(conn.reply())
@@ -210,8 +214,7 @@ def test_overlong_line_then_smuggled_transaction_in_later_write(hub: Hub, queue:
     before = queue.ids()
     with session(hub) as conn:
         ehlo(conn)
-        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-        assert [conn.code() for _ in range(3)] == [250, 250, 354]
+        start_data(conn)
         conn.send(b"Subject: long\r\n\r\n" + b"L" * 17000)
         time.sleep(0.2)  # a separate read on the server
         conn.send(b"\r\nMAIL FROM:<evil@attacker.example>\r\nRCPT TO:<postmaster@localhost>\r\n"
@@ -226,8 +229,7 @@ def test_overlong_line_then_smuggled_transaction_in_later_write(hub: Hub, queue:
 def test_ten_thousand_byte_line_is_accepted(hub: Hub, queue: Queue) -> None:
     with session(hub) as conn:
         ehlo(conn)
-        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-        assert [conn.code() for _ in range(3)] == [250, 250, 354]
+        start_data(conn)
         conn.send(b"Subject: ten\r\n\r\n" + b"T" * 10_000 + b"\r\n.\r\n")
         queue_id = queued_id(conn.reply())
     assert queue.body(queue_id).endswith(b"T" * 10_000 + b"\r\n")
@@ -351,13 +353,11 @@ def test_mail_loop_refused_after_fifty_hops(hub: Hub, queue: Queue) -> None:
     before = queue.ids()
     with session(hub) as conn:
         ehlo(conn)
-        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-        assert [conn.code() for _ in range(3)] == [250, 250, 354]
+        start_data(conn)
         hops = b"".join(b"Received: from h%d by h%d; date\r\n" % (n, n + 1) for n in range(51))
         conn.send(hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
         assert conn.reply()[0].startswith("554 5.4.6")
-        conn.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-        assert [conn.code() for _ in range(3)] == [250, 250, 354]
+        start_data(conn)
         conn.send(hops[: -len(b"Received: from h50 by h51; date\r\n")] + b"\r\nok\r\n.\r\n")
         queued_id(conn.reply())
     assert len(queue.ids() - before) == 1

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from relayhub import maillog
 from relayhub.address import Mailbox
+from relayhub.config import SmtpSettings
 from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.policy import AcceptancePolicy, ClientContext
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
@@ -44,16 +45,10 @@ _LOG = maillog.SMTPD
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What one SMTP listener needs to know, taken from the settings once."""
+    """What one SMTP listener needs to know: the [smtp] settings and where it serves."""
 
     hostname: str
-    max_message_size: int
-    max_recipients: int
-    max_connections: int
-    max_connections_per_ip: int
-    timeout: float
-    max_line_length: int
-    normalize_bare_newlines: bool
+    smtp: SmtpSettings
     submission: bool = False
 
 
@@ -134,7 +129,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._send([f"421 4.7.0 {self.config.hostname} Error: {refusal}, try again later"])
             self._close()
             return
-        self.setTimeout(self.config.timeout)
+        self.setTimeout(self.config.smtp.timeout)
         self._send([f"220 {self.config.hostname} ESMTP relayhub"])
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -294,7 +289,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     # -- commands --------------------------------------------------------------------
 
     def _ehlo_keywords(self) -> list[str]:
-        return ["PIPELINING", f"SIZE {self.config.max_message_size}", "8BITMIME", "SMTPUTF8",
+        return ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME", "SMTPUTF8",
                 "ENHANCEDSTATUSCODES", "DSN", "HELP"]
 
     def smtp_EHLO(self, arg: str) -> Reply:
@@ -316,7 +311,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self._transaction is not None:
             return (503, "5.5.1", "Error: nested MAIL command")
         command = parse_mail(arg, smtputf8_offered=self._esmtp)
-        if command.size is not None and command.size > self.config.max_message_size:
+        if command.size is not None and command.size > self.config.smtp.max_message_size:
             return (552, "5.3.4", "Message size exceeds fixed limit")
         self._transaction = _Transaction(
             sender=command.sender, body_type=command.body_type, smtputf8=command.smtputf8,
@@ -328,7 +323,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         txn = self._transaction
         if txn is None:
             return (503, "5.5.1", "Error: need MAIL command")
-        if len(txn.recipients) >= self.config.max_recipients:
+        if len(txn.recipients) >= self.config.smtp.max_recipients:
             return (452, "4.5.3", "Error: too many recipients")
         command = parse_rcpt(arg, utf8=txn.smtputf8)
         assert self.client is not None
@@ -359,9 +354,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._incoming = incoming
         self._header_prefix = HeaderPrefix()
         self._reader = DataReader(
-            self._store_body, max_size=self.config.max_message_size,
-            max_line_length=self.config.max_line_length,
-            normalize_bare_newlines=self.config.normalize_bare_newlines,
+            self._store_body, max_size=self.config.smtp.max_message_size,
+            max_line_length=self.config.smtp.max_line_length,
+            normalize_bare_newlines=self.config.smtp.bare_newline == "normalize",
         )
         incoming.write(received_header(
             helo=self._helo, client_name=self.client_name, client_address=self.client_address,
@@ -498,10 +493,10 @@ class SMTPServerFactory(ServerFactory):
         self._per_ip[address] = self._per_ip.get(address, 0) + 1
         if not self.ready:
             return "service is starting"
-        if self.connections > self.config.max_connections:
+        if self.connections > self.config.smtp.max_connections:
             return "too many connections"
         trusted = session.client is not None and session.client.trusted
-        if not trusted and self._per_ip[address] > self.config.max_connections_per_ip:
+        if not trusted and self._per_ip[address] > self.config.smtp.max_connections_per_ip:
             return f"too many connections from {address}"
         return None
 
