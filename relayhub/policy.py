@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal, Protocol
@@ -55,6 +55,20 @@ def _domain_key(domain: str) -> str:
     return domain.lower().removesuffix(".")
 
 
+def match_domain(domain: str, patterns: Collection[str]) -> str | None:
+    """The entry of `patterns` naming `domain`: the domain itself, else the longest ".suffix"
+    entry of which it is a strict sub-domain (Postfix transport(5) order); None if none."""
+    key = _domain_key(domain)
+    if key in patterns:
+        return key
+    labels = key.split(".")
+    for i in range(1, len(labels)):  # nearest parent first, so the first hit is the longest
+        suffix = "." + ".".join(labels[i:])
+        if suffix in patterns:
+            return suffix
+    return None
+
+
 class AcceptancePolicy:
     """The RCPT decision. `local_addresses` are our own IPs, so that user@[our IP] is local."""
 
@@ -68,9 +82,7 @@ class AcceptancePolicy:
         local_addresses: Iterable[str] = (),
     ) -> None:
         self.local_domains = tuple(_domain_key(d) for d in local_domains)
-        relay = [_domain_key(d) for d in relay_domains]
-        self._relay_exact = frozenset(d for d in relay if not d.startswith("."))
-        self._relay_suffixes = tuple(d for d in relay if d.startswith("."))
+        self._relay = frozenset(_domain_key(d) for d in relay_domains)
         self.trusted_networks = tuple(
             ipaddress.ip_network(n, strict=False) if isinstance(n, str) else n
             for n in trusted_networks
@@ -92,7 +104,7 @@ class AcceptancePolicy:
             return "local" if ip is not None and ip in self._local_addresses else "remote"
         if key in self.local_domains:
             return "local"
-        if key in self._relay_exact or key.endswith(self._relay_suffixes):
+        if match_domain(key, self._relay) is not None:
             return "relay"
         return "remote"
 
