@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 SMTPD = Logger(namespace="relayhub.smtpd")
+QMGR = Logger(namespace="relayhub.qmgr")
 
 CONNECT = "connect from {client}"
 DISCONNECT = "disconnect from {client} {counts}"
@@ -24,3 +25,13 @@ LOST = "lost connection after {stage} from {client}"
 STORE_FAILED = "{queue_id}: queue write failed for {client}: {error}"
 INTERNAL_ERROR = "internal error on {command} from {client}"
 LISTENING = "{service} listening on {endpoint}"
+
+# Queue manager and couriers.
+DELIVERY = (
+    "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, dsn={status}, "
+    "status={verb} ({text})"
+)
+REMOVED = "{queue_id}: removed"
+RECOVERED = "released {count} recipients left in flight by a previous run"
+NOTICE = "{queue_id}: sender {kind} notification: {notice_id}"
+DOUBLE_BOUNCE = "{queue_id}: undeliverable postmaster notification discarded"

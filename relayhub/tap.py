@@ -13,9 +13,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relayhub.config import ConfigError, Settings, load_settings
+from relayhub.delivery.local import MaildirCourier
+from relayhub.delivery.manager import QueueManager
+from relayhub.delivery.notices import QueueNotifier
+from relayhub.delivery.relay import RelayCourier
+from relayhub.dns import MXResolver
 from relayhub.policy import AcceptancePolicy
 from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.queue.store import QueueStore
+from relayhub.routing import Router
+from relayhub.smtp.client import TLSPolicy
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory
 from relayhub.users import UserDatabase
 
@@ -48,11 +55,10 @@ class Options(usage.Options):
 
 
 class HubService(MultiService):
-    """The single-process hub: queue store, then the SMTP listeners on top of it.
+    """The single-process hub: queue store, SMTP listeners and the queue manager.
 
     Listening sockets are bound in privilegedStartService (before twistd drops root), but
-    sessions are refused with 421 until the store has opened, so none can reach a store
-    that is not there yet.
+    sessions are refused with 421 and the queue manager waits until the store has opened.
     """
 
     def __init__(self, settings: Settings, reactor: Any = None) -> None:
@@ -71,6 +77,7 @@ class HubService(MultiService):
             trusted_networks=settings.domains.trusted_networks,
             directory=self.users,
         )
+        self.manager = self._queue_manager(settings, reactor)
         self.factories: list[SMTPServerFactory] = []
         for descriptions, submission in (
             (settings.smtp.listen, False),
@@ -78,7 +85,7 @@ class HubService(MultiService):
         ):
             factory = SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp, submission),
-                self.policy, self.store, reactor,
+                self.policy, self.store, reactor, on_queued=self._new_mail,
             )
             self.factories.append(factory)
             for description in descriptions:
@@ -90,6 +97,28 @@ class HubService(MultiService):
                 service.setServiceParent(self)
         TimerService(ORPHAN_AGE, self._collect_orphans).setServiceParent(self)
 
+    def _queue_manager(self, settings: Settings, reactor: Any) -> QueueManager:
+        hostname = settings.server.hostname
+        local = MaildirCourier(
+            settings.server.state_dir / "mail", self.store.body_path,
+            # postmaster always exists (RFC 5321 §4.5.1), with or without a user entry.
+            knows=lambda mailbox: mailbox == "postmaster" or self.users.knows(mailbox),
+            clock=reactor,
+        )
+        relay = RelayCourier(
+            reactor, self.store, MXResolver(reactor, settings.delivery.nameservers),
+            helo_name=hostname, tls=TLSPolicy(settings.delivery.tls),
+            default_port=settings.delivery.smtp_port,
+        )
+        notifier = QueueNotifier(self.store, hostname,
+                                 f"postmaster@{settings.domains.local[0]}", reactor,
+                                 on_queued=self._new_mail)
+        return QueueManager(self.store, Router(settings.domains, settings.routing), local,
+                            relay, notifier, settings.delivery, reactor)
+
+    def _new_mail(self, queue_id: str) -> None:
+        self.manager.wake()
+
     def startService(self) -> None:
         super().startService()
         self.store.open().addCallbacks(self._store_ready, self._store_failed)
@@ -97,6 +126,7 @@ class HubService(MultiService):
     def _store_ready(self, _: object) -> None:
         for factory in self.factories:
             factory.ready = True
+        self.manager.startService()
         for service in self:
             if isinstance(service, StreamServerEndpointService):
                 _LOG.info("smtp listening on {endpoint}", endpoint=str(service.name)[5:])
@@ -115,6 +145,8 @@ class HubService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         stopped: defer.Deferred[None] = defer.maybeDeferred(super().stopService)
+        if self.manager.running:
+            stopped.addCallback(lambda _: self.manager.stopService())
         stopped.addCallback(lambda _: self.store.close())
         return stopped
 

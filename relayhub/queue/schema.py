@@ -52,6 +52,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX history_message ON history (message_id, time)",
     ),
+    (
+        # Delivery: a lease marks recipients the queue manager is working on right now, so
+        # a crash leaves them visibly "in flight" rather than lost or doubly delivered.
+        "ALTER TABLE recipients ADD COLUMN lease_until REAL",
+        "ALTER TABLE recipients ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 

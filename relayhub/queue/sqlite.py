@@ -18,14 +18,16 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayhub.errors import TemporaryFailure
-from relayhub.queue import schema, spool
+from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
 from relayhub.queue.store import (
+    DueWork,
     Envelope,
     IncomingMessage,
     QueueStore,
     RecipientRequest,
     RecipientStatus,
+    RecipientUpdate,
     StoredMessage,
     StoredRecipient,
 )
@@ -41,7 +43,8 @@ MESSAGE_COLUMNS = (
     " client_name, client_address, helo, protocol, auth_user"
 )
 RECIPIENT_COLUMNS = (
-    "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error"
+    "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,"
+    " delay_warned"
 )
 
 # Errors that concern one message of a batch (bad data, a body file that vanished); anything
@@ -395,7 +398,8 @@ class SQLiteQueueStore(QueueStore):
              env.protocol, env.auth_user),
         )
         db.executemany(
-            f"INSERT INTO recipients ({RECIPIENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL)",
+            f"INSERT INTO recipients ({RECIPIENT_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL, 0)",
             [
                 (job.queue_id, idx, r.address, r.orcpt, ",".join(r.notify),
                  RecipientStatus.QUEUED.value, job.arrival)
@@ -492,14 +496,14 @@ class SQLiteQueueStore(QueueStore):
         finally:
             self._rollback()
         by_message: dict[str, list[StoredRecipient]] = {}
-        for mid, idx, address, orcpt, notify, status, attempts, next_attempt, last_error in (
-            recipients
-        ):
+        for (mid, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,
+             delay_warned) in recipients:
             by_message.setdefault(mid, []).append(StoredRecipient(
                 index=idx, address=address, orcpt=orcpt,
                 notify=tuple(notify.split(",")) if notify else (),
                 status=RecipientStatus(status), attempts=attempts,
                 next_attempt=next_attempt, last_error=last_error,
+                delay_warned=bool(delay_warned),
             ))
         return [self._message(row, tuple(by_message.get(row[0], ()))) for row in messages]
 
@@ -516,6 +520,38 @@ class SQLiteQueueStore(QueueStore):
         )
         return StoredMessage(queue_id=queue_id, envelope=envelope, arrival=arrival, size=size,
                              subject=subject, held=bool(held), recipients=recipients)
+
+    # -- for the queue manager ------------------------------------------------------------
+
+    def claim_due(self, now: float, limit: int, lease: float) -> Deferred[list[DueWork]]:
+        def claim() -> list[DueWork]:
+            claimed = scheduling.claim_due(self._db, now, limit, lease)
+            work = []
+            for queue_id, indexes in claimed.items():
+                for message in self._load(queue_id):
+                    leased = tuple(r for r in message.recipients if r.index in indexes)
+                    work.append(DueWork(message, leased))
+            return work
+
+        return self._call(claim)
+
+    def release_leases(self) -> Deferred[int]:
+        return self._call(lambda: scheduling.release_leases(self._db))
+
+    def next_due(self) -> Deferred[float | None]:
+        return self._call(lambda: scheduling.next_due(self._db))
+
+    def record_attempts(
+        self, queue_id: str, updates: Sequence[RecipientUpdate], now: float
+    ) -> Deferred[bool]:
+        def record() -> bool:
+            finished = scheduling.record_attempts(self._db, queue_id, updates, now)
+            if finished:
+                # After the commit: a crash in between leaves an orphan, never a lost row.
+                spool.remove(self.bodies / queue_id)
+            return finished
+
+        return self._call(record)
 
     def _call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         if not self._ready:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 
+from relayhub.delivery.results import AttemptResult
+
 
 class RecipientStatus(enum.StrEnum):
     """Per-recipient state (SPEC §4). `delivered` and `bounced` are final."""
@@ -62,6 +64,11 @@ class StoredRecipient:
     attempts: int = 0
     next_attempt: float | None = None  # epoch seconds
     last_error: str | None = None
+    delay_warned: bool = False  # a "delayed" notice has gone out for it
+
+    @property
+    def final(self) -> bool:
+        return self.status in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,24 @@ class StoredMessage:
     subject: str  # decoded for display, "" when absent
     held: bool
     recipients: tuple[StoredRecipient, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class DueWork:
+    """A message with the recipients the queue manager has just leased for an attempt."""
+
+    message: StoredMessage
+    recipients: tuple[StoredRecipient, ...]
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    """The outcome of one attempt for one recipient, as the queue manager records it."""
+
+    index: int
+    result: AttemptResult
+    next_attempt: float | None = None  # when a deferred recipient is due again
+    delay_warned: bool = False  # a delay notice was sent with this attempt
 
 
 class IncomingMessage(abc.ABC):
@@ -138,3 +163,26 @@ class QueueStore(abc.ABC):
     @abc.abstractmethod
     def body_path(self, queue_id: str) -> str:
         """Path of the stored body file (read-only use)."""
+
+    # -- for the queue manager ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def claim_due(self, now: float, limit: int, lease: float) -> Deferred[list[DueWork]]:
+        """Lease up to `limit` recipients that are due (not final, not held, next attempt
+        reached, no live lease) for `lease` seconds, grouped by message."""
+
+    @abc.abstractmethod
+    def release_leases(self) -> Deferred[int]:
+        """End every lease: called when the (single) queue manager starts, since leases
+        left by a crashed one would otherwise delay those recipients until they expire."""
+
+    @abc.abstractmethod
+    def next_due(self) -> Deferred[float | None]:
+        """The earliest next attempt among unleased, unheld, non-final recipients."""
+
+    @abc.abstractmethod
+    def record_attempts(
+        self, queue_id: str, updates: Sequence[RecipientUpdate], now: float
+    ) -> Deferred[bool]:
+        """Store results and history, end the leases; when every recipient is final the
+        message leaves the queue. Fires True when it did."""

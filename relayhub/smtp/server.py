@@ -415,6 +415,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         def queued(_: object) -> Reply:
             _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
                       size=size, nrcpt=len(envelope.recipients), client=self._client_label)
+            self.factory.on_queued(incoming.queue_id)
             return (250, "2.0.0", f"Ok: queued as {incoming.queue_id}")
 
         def not_queued(failure: Failure) -> Failure:
@@ -470,9 +471,11 @@ class SMTPServerFactory(ServerFactory):
     noisy = False  # our own connect/disconnect lines say it better
 
     def __init__(
-        self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any
+        self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any,
+        on_queued: Callable[[str], None] = lambda queue_id: None,
     ) -> None:
         self.config = config
+        self.on_queued = on_queued  # tells the queue manager there is new mail
         self.policy = policy
         self.store = store
         self.clock = clock
