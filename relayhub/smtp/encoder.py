@@ -1,0 +1,42 @@
+"""DATA encoding for sending: CRLF line ends and dot-stuffing that hold across chunk boundaries.
+
+The mirror of `relayhub.smtp.data.DataReader`. Twisted's client stuffs per 16 KiB chunk and
+skips the first line, which lets a `\\n.\\n` on a boundary end the data early downstream (SMTP
+smuggling); here the state that decides a line start is carried from chunk to chunk.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_CRLF = b"\r\n"
+
+
+class DotStuffer:
+    """Turns body chunks into wire bytes: every line end becomes CRLF, a leading "." is doubled.
+
+    The output does not depend on how the body is split into chunks, and nothing is held back:
+    a CR at the end of a chunk is sent as CRLF at once and an LF that starts the next chunk is
+    then swallowed as the rest of that same line end.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True  # the next byte begins a line (true before the first)
+        self._after_cr = False  # the last input byte was a CR, already sent as CRLF
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if not chunk:
+            return b""
+        self._after_cr = chunk.endswith(b"\r")
+        out = _LINE_END.sub(_CRLF, chunk).replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(_CRLF)
+        return out
+
+    def finish(self) -> bytes:
+        """The end of the data: a CRLF if the last line lacked one, then ".\\r\\n"."""
+        return b".\r\n" if self._at_line_start else b"\r\n.\r\n"
