@@ -1,0 +1,1 @@
+"""Benchmarks and throw-away reference servers (Postfix) for relayhub; not installed."""
