@@ -69,7 +69,8 @@ class HubService(MultiService):
             reactor = default_reactor
         self.settings = settings
         self._reactor = reactor
-        self.store: QueueStore = SQLiteQueueStore(settings.server.state_dir)
+        self.store: QueueStore = SQLiteQueueStore(settings.server.state_dir,
+                                                  close_on_shutdown=False)
         self.users = UserDatabase(settings.users.file)
         self.policy = AcceptancePolicy(
             local_domains=settings.domains.local,
@@ -112,6 +113,7 @@ class HubService(MultiService):
         )
         notifier = QueueNotifier(self.store, hostname,
                                  f"postmaster@{settings.domains.local[0]}", reactor,
+                                 max_lifetime=settings.delivery.max_lifetime,
                                  on_queued=self._new_mail)
         return QueueManager(self.store, Router(settings.domains, settings.routing), local,
                             relay, notifier, settings.delivery, reactor)

@@ -9,9 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from conftest import ReactorThread
+
+from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.store import StoredMessage
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -108,6 +113,30 @@ class Hub:
             self.process.kill()
             self.process.wait(timeout=5)
         self.process = None
+
+
+class Queue:
+    """Reads the hub's queue through the store API, as relayhubctl will."""
+
+    def __init__(self, reactor_thread: ReactorThread, state_dir: Path) -> None:
+        self.rt = reactor_thread
+        self.state_dir = state_dir
+
+    def messages(self) -> Sequence[StoredMessage]:
+        store = SQLiteQueueStore(self.state_dir)
+        self.rt.run(store.open)
+        try:
+            return self.rt.run(store.list_messages)
+        finally:
+            self.rt.run(store.close)
+
+    def body(self, queue_id: str) -> bytes:
+        return (self.state_dir / "queue").joinpath(
+            SQLiteQueueStore(self.state_dir).body_path(queue_id)
+        ).read_bytes()
+
+    def ids(self) -> set[str]:
+        return {m.queue_id for m in self.messages()}
 
 
 class SMTPConnection:

@@ -43,6 +43,9 @@ MESSAGES_PER_SESSION = 50
 LEASE = 3600.0
 # Never sleep longer than this: a clock jump or a change by another process is noticed.
 MAX_SLEEP = 60.0
+# How long a stop waits for attempts under way to finish and be recorded. The rest keep
+# their leases and are retried after the next start (SPEC §9).
+STOP_GRACE = 10.0
 
 Results = list[AttemptResult]  # one per recipient, in the order given
 
@@ -100,11 +103,13 @@ class QueueManager(Service):
         self._rescan = False
         self._timer: DelayedCall | None = None
         self._active: set[defer.Deferred[Any]] = set()
+        self._recording = False  # results are stored only between start and stop
 
     # -- life cycle -----------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self._recording = True
         # This is the only queue manager of its store: leases still set are from a
         # predecessor that died mid-delivery, and those recipients are due again now.
         self.store.release_leases().addCallbacks(
@@ -118,12 +123,21 @@ class QueueManager(Service):
         self.wake()
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # nothing new starts from here on
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        # In-flight attempts finish (their results are recorded); nothing new starts.
-        return defer.DeferredList(list(self._active), consumeErrors=True).addCallback(
-            lambda _: None)
+        stopped: defer.Deferred[None] = defer.Deferred()
+
+        def finish(_: object = None) -> None:
+            if not stopped.called:
+                self._recording = False
+                if grace.active():
+                    grace.cancel()
+                stopped.callback(None)
+
+        grace = self.clock.callLater(STOP_GRACE, finish)
+        defer.DeferredList(list(self._active), consumeErrors=True).addCallback(finish)
+        return stopped
 
     # -- scheduling -----------------------------------------------------------------
 
@@ -164,6 +178,7 @@ class QueueManager(Service):
         self._timer = self.clock.callLater(delay, self.wake)
 
     def _dispatch(self, work: list[DueWork]) -> None:
+        touched: set[str] = set()
         for item in work:
             self._in_flight += len(item.recipients)
             local: list[tuple[StoredRecipient, str]] = []
@@ -183,7 +198,11 @@ class QueueManager(Service):
             for key, recipients_for_hop in remote.items():
                 destination = self._destinations.setdefault(key, _Destination(hops[key]))
                 destination.waiting.append((item.message, tuple(recipients_for_hop)))
-                self._start_sessions(key)
+                touched.add(key)
+        # Only now, with everything of this scan queued per hop, so that messages for the
+        # same hop share sessions instead of each opening its own.
+        for key in touched:
+            self._start_sessions(key)
 
     def _start_sessions(self, key: str) -> None:
         destination = self._destinations[key]
@@ -247,6 +266,9 @@ class QueueManager(Service):
         Notices go into the queue before the results are recorded: a crash in between
         repeats a notice rather than losing one.
         """
+        if not self._recording:
+            # Stopped meanwhile: the lease stays, and the next start retries (and logs) it.
+            return defer.succeed(None)
         now = self.clock.seconds()
         updates: list[RecipientUpdate] = []
         failed, delayed, succeeded = [], [], []

@@ -28,9 +28,11 @@ Pairs = Sequence[tuple[StoredRecipient, AttemptResult]]
 class QueueNotifier:
     """Sends failure, delay and success reports for the queue manager."""
 
-    def __init__(self, store: QueueStore, hostname: str, postmaster: str, clock: Any,
+    def __init__(self, store: QueueStore, hostname: str, postmaster: str, clock: Any, *,
+                 max_lifetime: float,
                  on_queued: Callable[[str], None] = lambda queue_id: None) -> None:
         self.store = store
+        self.max_lifetime = max_lifetime  # for Will-Retry-Until in delay notices
         self.hostname = hostname
         self.postmaster = postmaster
         self.clock = clock
@@ -77,6 +79,8 @@ class QueueNotifier:
                 kind=kind, reporting_mta=self.hostname, queue_id=message.queue_id,
                 envelope=message.envelope, arrival=message.arrival, results=wanted,
                 original=original, to=to, now=now, message_id_domain=self.hostname,
+                will_retry_until=(message.arrival + self.max_lifetime
+                                  if kind == "delay" else None),
             )
 
         built: defer.Deferred[bytes] = threads.deferToThread(build)
@@ -96,7 +100,7 @@ class QueueNotifier:
                       notice_id=incoming.queue_id)
             self.on_queued(incoming.queue_id)
 
-        return incoming.commit(envelope, _subject(kind)).addCallback(queued)
+        return incoming.commit(envelope, dsn.SUBJECTS[kind]).addCallback(queued)
 
 
 def _header_of(body: BinaryIO, limit: int = 1024 * 1024) -> bytes:
@@ -112,9 +116,3 @@ def _header_of(body: BinaryIO, limit: int = 1024 * 1024) -> bytes:
             return kept[: end + 4]
     return kept[:limit]
 
-
-def _subject(kind: str) -> str:
-    return {"failure": "Undelivered Mail Returned to Sender",
-            "delay": "Delayed Mail (still being retried)",
-            "success": "Successful Mail Delivery Report",
-            "relayed": "Relayed Mail Delivery Report"}[kind]

@@ -156,8 +156,8 @@ class SQLiteQueueStore(QueueStore):
 
     log = Logger()
 
-    def __init__(self, state_dir: Path, *, busy_timeout: float = 30.0, reactor: Any = None
-                 ) -> None:
+    def __init__(self, state_dir: Path, *, busy_timeout: float = 30.0, reactor: Any = None,
+                 close_on_shutdown: bool = True) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -172,6 +172,8 @@ class SQLiteQueueStore(QueueStore):
         # SystemRandom: a forked process must not repeat its parent's ID suffixes.
         self._rng = random.SystemRandom()
         self._ready = False
+        # A service that closes the store itself, after its users, turns this off.
+        self._close_on_shutdown = close_on_shutdown
         self._shutdown_trigger: Any = None
         self._live_ids: set[str] = set()  # bodies being received here (orphan sweep skips them)
         self._pending: list[_Pending] = []
@@ -190,9 +192,10 @@ class SQLiteQueueStore(QueueStore):
 
         def opened(_: None) -> None:
             self._ready = True
-            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                "before", "shutdown", self._on_shutdown
-            )
+            if self._close_on_shutdown:
+                self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                    "before", "shutdown", self._on_shutdown
+                )
 
         def failed(reason: Failure) -> Failure:
             self._pool.stop()

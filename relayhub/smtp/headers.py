@@ -13,7 +13,9 @@ from relayhub.mime import decode_for_display
 HEADER_PREFIX_LIMIT = 256 * 1024
 
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_SUBJECT = re.compile(rb"^subject:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_SUBJECT = re.compile(
+    rb"^subject:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
