@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relayhub import config
-from relayhub.admin import run
+from relayhub.admin.cli import run
 from relayhub.config import (
     BUILTIN_SOURCE,
     ConfigError,

@@ -1,12 +1,15 @@
-"""`relayhubctl`: the administrator's command line for relayhub (SPEC §8)."""
+"""The relayhubctl command tree: global options, exit statuses, and dispatch to the
+command-group modules beside this one (each has a `register(commands)`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
+from typing import TypeAlias
 
-from relayhub.config import ConfigError, load_settings
+from relayhub.config import ConfigError
 
 # Exit statuses, SPEC §8.
 EXIT_OK = 0
@@ -14,13 +17,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 Command = Callable[[argparse.Namespace], int]
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-
-def config_check(args: argparse.Namespace) -> int:
-    """Load and validate the configuration; problems surface as ConfigError (exit 2)."""
-    settings = load_settings(args.config)
-    print(f"OK: {settings.source}")
-    return EXIT_OK
+# Command-group modules under relayhub.admin, in the order `--help` lists them.
+GROUPS = ("config_cmd",)
 
 
 def _add_config_option(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -29,28 +29,21 @@ def _add_config_option(parser: argparse.ArgumentParser, default: str | None) -> 
                              "/etc/relayhub/relayhub.toml, then built-in defaults)")
 
 
-def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-                 help: str) -> argparse.ArgumentParser:
+def add_command(commands: Commands, name: str, help: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help, description=help)
     # -c may also follow the command words; SUPPRESS keeps a value given before them.
     _add_config_option(parser, argparse.SUPPRESS)
     return parser
 
 
-def _add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    actions = _add_command(commands, "config", "configuration commands").add_subparsers(
-        title="actions", metavar="ACTION", required=True)
-    check = _add_command(actions, "check", "validate the configuration, report every problem")
-    check.set_defaults(command=config_check)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The full command tree; each group (config, later queue, user, …) adds its own parsers."""
+    """The full command tree; each group module adds its own parsers."""
     parser = argparse.ArgumentParser(prog="relayhubctl",
                                      description="Administer a relayhub mail hub.")
     _add_config_option(parser, None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    _add_config_commands(commands)
+    for group in GROUPS:
+        importlib.import_module(f"relayhub.admin.{group}").register(commands)
     return parser
 
 
@@ -72,6 +65,3 @@ def main() -> None:
     """Console-script entry point."""
     sys.exit(run(sys.argv[1:]))
 
-
-if __name__ == "__main__":
-    main()
