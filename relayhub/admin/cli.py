@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from collections.abc import Callable
 from typing import TypeAlias
@@ -19,8 +20,8 @@ EXIT_USAGE = 2
 Command = Callable[[argparse.Namespace], int]
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-# Command-group modules under relayhub.admin, in the order `--help` lists them.
-GROUPS = ("config_cmd",)
+# Every relayhub/admin/*_cmd.py module is a command group with a register(commands).
+GROUP_SUFFIX = "_cmd"
 
 
 def _add_config_option(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -42,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Administer a relayhub mail hub.")
     _add_config_option(parser, None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for group in GROUPS:
-        importlib.import_module(f"relayhub.admin.{group}").register(commands)
+    package = importlib.import_module("relayhub.admin")
+    for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+        if module.endswith(GROUP_SUFFIX):
+            importlib.import_module(f"relayhub.admin.{module}").register(commands)
     return parser
 
 
