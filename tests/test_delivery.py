@@ -261,3 +261,28 @@ def test_local_delivery_to_maildir_with_return_path(world: World) -> None:
     assert message["Return-Path"] == "<someone@example.com>"
     assert message["Delivered-To"] == POSTMASTER
     assert message["Subject"] == "local"
+
+
+def test_recipients_with_their_own_sender_travel_in_their_own_transaction(
+        reactor_thread: ReactorThread, tmp_path: Path, dns: DNSServer) -> None:
+    world = World(reactor_thread, tmp_path, dns, free_port(), {})
+    store = SQLiteQueueStore(world.hub.state_dir)
+    reactor_thread.run(store.open)
+    incoming = store.incoming()
+    incoming.write(b"Subject: list mail\r\n\r\nto the list\r\n")
+    reactor_thread.run(incoming.commit, Envelope(sender=POSTMASTER, recipients=(
+        RecipientRequest("direct@sink.example"),
+        RecipientRequest("member@sink.example", orcpt="rfc822;list@localhost",
+                         sender="owner-list@localhost"),
+    )))
+    reactor_thread.run(store.close)
+    with world.sink("127.0.0.14") as sink:
+        world.hub.start()
+        try:
+            messages = sink.wait_messages(2)
+            world.wait(lambda: not world.queue.ids())
+        finally:
+            world.hub.stop()
+    senders = {m.accepted[0]: m.mail_from for m in messages}
+    assert senders["direct@sink.example"].startswith(f"MAIL FROM:<{POSTMASTER}>")
+    assert senders["member@sink.example"].startswith("MAIL FROM:<owner-list@localhost>")

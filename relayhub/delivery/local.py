@@ -44,7 +44,8 @@ class MaildirCourier:
         def deliver() -> AttemptResult:
             try:
                 name = deliver_to_maildir(
-                    self.mail_root, mailbox, body, return_path=message.envelope.sender,
+                    self.mail_root, mailbox, body,
+                    return_path=recipient.return_path(message.envelope.sender),
                     delivered_to=recipient.address, now=now,
                 )
             except LocalDeliveryError as error:

@@ -197,7 +197,14 @@ class QueueManager(Service):
                                     [m for _, m in local])
             for key, recipients_for_hop in remote.items():
                 destination = self._destinations.setdefault(key, _Destination(hops[key]))
-                destination.waiting.append((item.message, tuple(recipients_for_hop)))
+                # One transaction has one sender: list members whose owner is their sender
+                # travel separately from the rest.
+                by_sender: dict[str, list[StoredRecipient]] = {}
+                for recipient in recipients_for_hop:
+                    sender = recipient.return_path(item.message.envelope.sender)
+                    by_sender.setdefault(sender, []).append(recipient)
+                for group in by_sender.values():
+                    destination.waiting.append((item.message, tuple(group)))
                 touched.add(key)
         # Only now, with everything of this scan queued per hop, so that messages for the
         # same hop share sessions instead of each opening its own.

@@ -40,30 +40,29 @@ class QueueNotifier:
 
     def notify(self, message: StoredMessage, failed: Pairs, delayed: Pairs, succeeded: Pairs
                ) -> defer.Deferred[None]:
-        reports: list[tuple[dsn.Kind, list[tuple[StoredRecipient, AttemptResult]]]] = []
+        # recipients_to_notify picks per kind: successes delivered here ("success") or to a
+        # hop without DSN ("relayed"); a hop with DSN passes NOTIFY on and reports itself.
         kinds: tuple[tuple[dsn.Kind, Pairs], ...] = (
-            ("failure", failed), ("delay", delayed), ("success", succeeded))
+            ("failure", failed), ("delay", delayed), ("success", succeeded),
+            ("relayed", succeeded))
+        waits = []
         for kind, pairs in kinds:
-            if kind == "success":
-                # A hop with DSN passes NOTIFY on and reports itself; we report final
-                # delivery here (local) and "relayed" to hops that could not take NOTIFY.
-                chosen = [(r, a) for r, a in pairs if a.relay == "local" or a.dsn_relayed]
-                relayed = [(r, a) for r, a in chosen if a.dsn_relayed]
-                delivered = [(r, a) for r, a in chosen if not a.dsn_relayed]
-                reports += [("relayed", relayed), ("success", delivered)]
-            else:
-                reports.append((kind, list(pairs)))
-        waits = [self._send(kind, message, list(pairs)) for kind, pairs in reports if pairs]
+            # Each return path hears about its own recipients (list owners about members).
+            by_sender: dict[str, list[tuple[StoredRecipient, AttemptResult]]] = {}
+            for pair in dsn.recipients_to_notify(kind, pairs):
+                sender = pair[0].return_path(message.envelope.sender)
+                by_sender.setdefault(sender, []).append(pair)
+            waits += [self._send(kind, message, sender, wanted)
+                      for sender, wanted in by_sender.items()]
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
-    def _send(self, kind: dsn.Kind, message: StoredMessage, pairs: list[tuple[StoredRecipient,
-              AttemptResult]]) -> defer.Deferred[None]:
-        wanted = dsn.recipients_to_notify(kind, pairs)
-        to = dsn.report_recipient(kind, message.envelope.sender, self.postmaster)
-        if not wanted or to is None:
+    def _send(self, kind: dsn.Kind, message: StoredMessage, sender: str,
+              wanted: list[tuple[StoredRecipient, AttemptResult]]) -> defer.Deferred[None]:
+        to = dsn.report_recipient(kind, sender, self.postmaster)
+        if to is None:
             return defer.succeed(None)
-        if message.envelope.sender == "" and all(
-            r.address.lower() == self.postmaster.lower() for r, _ in pairs
+        if sender == "" and all(
+            r.address.lower() == self.postmaster.lower() for r, _ in wanted
         ):
             # A report to postmaster that itself failed: reporting it again would loop.
             _LOG.warn(maillog.DOUBLE_BOUNCE, queue_id=message.queue_id)

@@ -93,7 +93,8 @@ class RelayCourier:
 
         envelope = message.envelope
         return OutboundMessage(
-            queue_id=message.queue_id, sender=envelope.sender,
+            # The manager groups recipients so that they share one return path.
+            queue_id=message.queue_id, sender=recipients[0].return_path(envelope.sender),
             recipients=tuple(OutboundRecipient(r.address, r.notify, r.orcpt)
                              for r in recipients),
             size=message.size, body_type=envelope.body_type, smtputf8=envelope.smtputf8,

@@ -58,6 +58,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE recipients ADD COLUMN lease_until REAL",
         "ALTER TABLE recipients ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # Aliases: list members get the list owner as their envelope sender.
+        "ALTER TABLE recipients ADD COLUMN sender TEXT",
+    ),
 )
 
 

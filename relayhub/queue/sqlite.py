@@ -44,7 +44,7 @@ MESSAGE_COLUMNS = (
 )
 RECIPIENT_COLUMNS = (
     "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,"
-    " delay_warned"
+    " delay_warned, sender"
 )
 
 # Errors that concern one message of a batch (bad data, a body file that vanished); anything
@@ -402,10 +402,10 @@ class SQLiteQueueStore(QueueStore):
         )
         db.executemany(
             f"INSERT INTO recipients ({RECIPIENT_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL, 0)",
+            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL, 0, ?)",
             [
                 (job.queue_id, idx, r.address, r.orcpt, ",".join(r.notify),
-                 RecipientStatus.QUEUED.value, job.arrival)
+                 RecipientStatus.QUEUED.value, job.arrival, r.sender)
                 for idx, r in enumerate(env.recipients)
             ],
         )
@@ -500,13 +500,13 @@ class SQLiteQueueStore(QueueStore):
             self._rollback()
         by_message: dict[str, list[StoredRecipient]] = {}
         for (mid, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,
-             delay_warned) in recipients:
+             delay_warned, sender) in recipients:
             by_message.setdefault(mid, []).append(StoredRecipient(
                 index=idx, address=address, orcpt=orcpt,
                 notify=tuple(notify.split(",")) if notify else (),
                 status=RecipientStatus(status), attempts=attempts,
                 next_attempt=next_attempt, last_error=last_error,
-                delay_warned=bool(delay_warned),
+                delay_warned=bool(delay_warned), sender=sender,
             ))
         return [self._message(row, tuple(by_message.get(row[0], ()))) for row in messages]
 
@@ -516,7 +516,8 @@ class SQLiteQueueStore(QueueStore):
          client_name, client_address, helo, protocol, auth_user) = row
         envelope = Envelope(
             sender=sender,
-            recipients=tuple(RecipientRequest(r.address, r.orcpt, r.notify) for r in recipients),
+            recipients=tuple(RecipientRequest(r.address, r.orcpt, r.notify, r.sender)
+                             for r in recipients),
             body_type=body_type, smtputf8=bool(smtputf8), ret=ret, envid=envid,
             client_name=client_name, client_address=client_address, helo=helo,
             protocol=protocol, auth_user=auth_user,

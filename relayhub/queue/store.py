@@ -33,6 +33,9 @@ class RecipientRequest:
     address: str
     orcpt: str | None = None  # "rfc822;addr" exactly as given (xtext decoded)
     notify: tuple[str, ...] = ()  # () = not given; else NEVER or SUCCESS/FAILURE/DELAY
+    # The envelope sender for this recipient when it is not the message's: a list member
+    # expanded through an alias that has an owner-LIST gets the owner, so bounces reach it.
+    sender: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class StoredRecipient:
     next_attempt: float | None = None  # epoch seconds
     last_error: str | None = None
     delay_warned: bool = False  # a "delayed" notice has gone out for it
+    sender: str | None = None  # see RecipientRequest.sender
+
+    def return_path(self, message_sender: str) -> str:
+        """The envelope sender to use (and to notify) for this recipient."""
+        return message_sender if self.sender is None else self.sender
 
     @property
     def final(self) -> bool:
