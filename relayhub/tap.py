@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, ClassVar
 
@@ -12,6 +13,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from relayhub import control
 from relayhub.config import ConfigError, Settings, load_settings
 from relayhub.delivery.local import MaildirCourier
 from relayhub.delivery.manager import QueueManager
@@ -24,7 +26,7 @@ from relayhub.queue.store import QueueStore
 from relayhub.routing import Router
 from relayhub.smtp.client import TLSPolicy
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory
-from relayhub.users import UserDatabase
+from relayhub.users import UserDatabase, UsersFileError
 
 _LOG = Logger(namespace="relayhub")
 
@@ -69,6 +71,7 @@ class HubService(MultiService):
             reactor = default_reactor
         self.settings = settings
         self._reactor = reactor
+        self._started_at = reactor.seconds()
         self.store: QueueStore = SQLiteQueueStore(settings.server.state_dir,
                                                   close_on_shutdown=False)
         self.users = UserDatabase(settings.users.file)
@@ -121,6 +124,25 @@ class HubService(MultiService):
     def _new_mail(self, queue_id: str) -> None:
         self.manager.wake()
 
+    # -- control channel (relayhub.control.ControlTarget) ------------------------------
+
+    def wake(self) -> None:
+        self.manager.wake()
+
+    def status(self) -> dict[str, Any]:
+        uptime = round(self._reactor.seconds() - self._started_at, 1)
+        return {
+            "processes": [{"role": "master", "pid": os.getpid(), "uptime_seconds": uptime}],
+            "connections": {"smtp": sum(f.connections for f in self.factories), "pop3": 0},
+        }
+
+    def reload(self) -> defer.Deferred[list[str]]:
+        try:
+            self.users.reload_if_changed()
+        except UsersFileError as error:
+            return defer.succeed(list(error.problems))
+        return defer.succeed([])
+
     def startService(self) -> None:
         super().startService()
         self.store.open().addCallbacks(self._store_ready, self._store_failed)
@@ -129,6 +151,8 @@ class HubService(MultiService):
         for factory in self.factories:
             factory.ready = True
         self.manager.startService()
+        control.listen(self._reactor, self.settings.server.state_dir, self).addErrback(
+            lambda failure: _LOG.failure("cannot serve the control socket", failure))
         for service in self:
             if isinstance(service, StreamServerEndpointService):
                 _LOG.info("smtp listening on {endpoint}", endpoint=str(service.name)[5:])
