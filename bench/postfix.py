@@ -211,6 +211,9 @@ class PostfixInstance:
     - "discard": qmgr hands it to discard(8), which drops it;
     - "hold": it goes straight into the hold queue and is never delivered.
 
+    With ``catchall=False`` there is no catch-all: a recipient in ``domains`` that is not in
+    ``mailboxes`` is refused at RCPT (``550 5.1.1 ... User unknown in virtual mailbox table``).
+
     ``relayhost=("127.0.0.1", port)`` makes Postfix relay mail for other domains there.
     ``main_cf`` / ``master_cf`` add or override settings.  Must run as root, like any Postfix.
 
@@ -224,6 +227,7 @@ class PostfixInstance:
         *,
         domains: Iterable[str] | None = ("localhost",),
         mailboxes: Iterable[str] = (),
+        catchall: bool = True,
         delivery: Delivery = "maildir",
         relayhost: tuple[str, int] | None = None,
         hostname: str = "postfix.bench.invalid",
@@ -243,6 +247,7 @@ class PostfixInstance:
         self.port = port if port is not None else free_port(self.host)
         self.domains = None if domains is None else [d.lower() for d in domains]
         self.mailboxes = [m.lower() for m in mailboxes]
+        self.catchall = catchall
         self.delivery: Delivery = delivery
         self.relayhost = relayhost
         self.hostname = hostname
@@ -359,7 +364,8 @@ class PostfixInstance:
             "virtual_mailbox_domains": (
                 "static:all" if self.domains is None else ", ".join(self.domains)
             ),
-            "virtual_mailbox_maps": f"texthash:{self.config_dir / 'vmailbox'}, static:catchall/",
+            "virtual_mailbox_maps": f"texthash:{self.config_dir / 'vmailbox'}"
+            + (", static:catchall/" if self.catchall else ""),
             "virtual_mailbox_base": str(self.mail_dir),
             # virtual(8) needs an unprivileged owner; mail_owner is the one user we know exists.
             "virtual_minimum_uid": str(pw.pw_uid),
