@@ -711,19 +711,34 @@ def load_settings(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] = os.environ
 ) -> Settings:
     """Load `path`, else $RELAYHUB_CONFIG, else DEFAULT_PATH if it exists, else the defaults."""
+    return settings_from_text(*read_config(path, environ))
+
+
+def read_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> tuple[str, str | None]:
+    """Which configuration applies, and its text: (source, text), text None for the
+    built-in defaults. The master passes exactly this to its children, so they all run the
+    configuration it validated even if the file changes meanwhile."""
     if path is None:
         path = environ.get("RELAYHUB_CONFIG") or None
     if path is None and DEFAULT_PATH.exists():
         path = DEFAULT_PATH
     if path is None:
-        return parse_settings({}, BUILTIN_SOURCE)
+        return BUILTIN_SOURCE, None
     source = os.fspath(path)
     try:
-        text = Path(source).read_bytes().decode("utf-8")
+        return source, Path(source).read_bytes().decode("utf-8")
     except OSError as error:
         raise ConfigError([f"{source}: cannot read: {error.strerror or error}"]) from None
     except UnicodeDecodeError as error:
         raise ConfigError([f"{source}: cannot read: not UTF-8 (byte {error.start})"]) from None
+
+
+def settings_from_text(source: str, text: str | None) -> Settings:
+    """Parse and validate configuration text (None: the built-in defaults)."""
+    if text is None:
+        return parse_settings({}, BUILTIN_SOURCE)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -16,19 +16,20 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from relayhub.address import xtext_encode
 from relayhub.delivery.results import AttemptResult, Outcome
@@ -94,6 +95,33 @@ class TLSPolicy:
     def __post_init__(self) -> None:
         if self.mode not in ("none", "opportunistic", "required", "verify"):
             raise ValueError(f"unknown TLS mode {self.mode!r}")
+
+
+class MessageSource(TypingProtocol):
+    """Where a session gets its messages, one at a time, and where their results go."""
+
+    async def next(self) -> OutboundMessage | None:
+        """The next message for this connection, or None to end the session."""
+
+    def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
+        """One result per recipient of `message`, as soon as they are known."""
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """How a session ended; `failure` is (status, text, remote_reply) when it broke."""
+
+    connected: bool
+    reached_transaction: bool  # greeting, EHLO and STARTTLS passed
+    failure: tuple[str, str, bool] | None = None
+
+    def defer_all(self, message: OutboundMessage, host: str | None, relay: str
+                  ) -> list[AttemptResult]:
+        """Results for a message this session (or host) never got to."""
+        status, text, remote = self.failure or ("4.4.2", f"session with {relay} ended", False)
+        return [AttemptResult(r.address, Outcome.DEFERRED, status, text, relay=relay,
+                              remote_mta=host if self.connected else None, remote_reply=remote)
+                for r in message.recipients]
 
 
 @dataclass(frozen=True)
@@ -442,19 +470,27 @@ class _Session:
     over: _SessionOver | None = None
     needs_rset: bool = False
 
-    async def run(self, messages: Sequence[OutboundMessage]) -> SessionResult:
+    async def run(self, source: MessageSource) -> SessionEnd:
+        """Open the session, then send what `source` hands over until it has no more or
+        the session breaks; each message's results go to `source.done` at once."""
         try:
             await self._open()
         except _SessionOver as over:
             self.over = over
         ready = self.over is None
-        results = [await self._message(message) for message in messages]
+        while self.over is None:
+            message = await source.next()
+            if message is None:
+                break
+            source.done(message, await self._message(message))
         if self.protocol.trouble is None and not (self.over and self.over.closing):
             self.protocol.send("QUIT")
             with suppress(_Trouble):
                 await self.protocol.read_reply(self.timeouts.quit)
         await self.protocol.close(self.timeouts.quit)
-        return SessionResult(results, connected=True, reached_transaction=ready)
+        ended = self.over
+        return SessionEnd(connected=True, reached_transaction=ready,
+                          failure=(ended.status, ended.text, ended.remote) if ended else None)
 
     async def _command(self, line: str | None, stage: str, timeout: float) -> Reply:
         """Send `line` (None: already sent, or nothing to send) and read its reply."""
@@ -619,33 +655,66 @@ def _connect_reason(exc: ConnectError) -> str:
     return str(exc.args[0]) if exc.args and exc.args[0] else str(exc).rstrip(".")
 
 
-async def _deliver_session(reactor: Any, host: str, address: str, port: int,
-                           messages: Sequence[OutboundMessage], helo_name: str, tls: TLSPolicy,
-                           timeouts: Timeouts) -> SessionResult:
+class _Factory(Factory):
+    noisy = False  # one "Starting factory" line per outbound connection helps nobody
+
+
+async def run_session(reactor: Any, *, host: str, address: str, port: int,
+                      source: MessageSource, helo_name: str, tls: TLSPolicy,
+                      timeouts: Timeouts = Timeouts()) -> SessionEnd:
+    """One connection to `address` (the A/AAAA of `host`), carrying messages from `source`.
+
+    No message is taken before the greeting, EHLO and STARTTLS have passed, so when the
+    session ends with `reached_transaction` false the caller may offer the same source to
+    the next address. `reactor` provides IReactorTCP and IReactorTime.
+    """
     relay = f"{host}[{address}]:{port}"
     endpoint = (TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint)(
         reactor, address, port, timeout=timeouts.connect)
     protocol = ClientProtocol(reactor)
     try:
-        await connectProtocol(endpoint, protocol)
+        await endpoint.connect(_Factory.forProtocol(lambda: protocol))
     except ConnectError as exc:
-        text = f"connect to {relay}: {_connect_reason(exc)}"
-        return SessionResult(
-            [[AttemptResult.deferred(r.address, "4.4.1", text, relay) for r in m.recipients]
-             for m in messages], connected=False, reached_transaction=False)
+        return SessionEnd(connected=False, reached_transaction=False, failure=(
+            "4.4.1", f"connect to {relay}: {_connect_reason(exc)}", False))
     try:
-        return await _Session(protocol, host, relay, helo_name, tls, timeouts).run(messages)
+        return await _Session(protocol, host, relay, helo_name, tls, timeouts).run(source)
     finally:
         protocol.abort()  # a no-op after a normal end; after a bug, no connection is left open
+
+
+class _ListSource:
+    """Hands over a fixed list of messages and keeps their results in order."""
+
+    def __init__(self, messages: Sequence[OutboundMessage]) -> None:
+        self.pending = list(messages)
+        self.results: dict[int, list[AttemptResult]] = {}
+        self._index = {id(m): i for i, m in enumerate(messages)}
+
+    async def next(self) -> OutboundMessage | None:
+        return self.pending.pop(0) if self.pending else None
+
+    def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
+        self.results[self._index[id(message)]] = results
 
 
 def deliver_session(reactor: Any, *, host: str, address: str, port: int,
                     messages: Sequence[OutboundMessage], helo_name: str, tls: TLSPolicy,
                     timeouts: Timeouts = Timeouts()) -> Deferred[SessionResult]:
-    """Deliver `messages` over one connection to `address` (the A/AAAA of `host`).
+    """Deliver a list of `messages` over one connection (see `run_session`).
 
-    `reactor` provides IReactorTCP and IReactorTime. Fires with a result for every
-    recipient of every message; it fails only on a programming error.
+    Fires with a result for every recipient of every message: those the session never
+    reached are deferred with the reason it ended. It fails only on a programming error.
     """
-    return Deferred.fromCoroutine(_deliver_session(
-        reactor, host, address, port, messages, helo_name, tls, timeouts))
+    async def deliver() -> SessionResult:
+        source = _ListSource(messages)
+        end = await run_session(reactor, host=host, address=address, port=port, source=source,
+                                helo_name=helo_name, tls=tls, timeouts=timeouts)
+        relay = f"{host}[{address}]:{port}"
+        for message in source.pending:
+            source.done(message, end.defer_all(message, host, relay))
+        return SessionResult([source.results[i] for i in range(len(messages))],
+                             connected=end.connected,
+                             reached_transaction=end.reached_transaction)
+
+    return Deferred.fromCoroutine(deliver())
