@@ -35,3 +35,10 @@ REMOVED = "{queue_id}: removed"
 RECOVERED = "released {count} recipients left in flight by a previous run"
 NOTICE = "{queue_id}: sender {kind} notification: {notice_id}"
 DOUBLE_BOUNCE = "{queue_id}: undeliverable postmaster notification discarded"
+
+# Aliases (relayhub.aliases) and the address lookups they answer.
+ALIASES = Logger(namespace="relayhub.aliases")
+ALIASES_LOADED = "aliases: loaded {path}: {aliases} aliases, {includes} include files"
+ALIASES_BROKEN = "aliases: {path} not loaded, {state}: {problem}"
+ALIASES_FAILED = "aliases: cannot check {path}"
+LOOKUP = "{command} {query} from {client}: {reply}"

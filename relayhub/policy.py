@@ -15,7 +15,9 @@ DomainClass = Literal["local", "relay", "remote"]
 
 
 class LocalDirectory(Protocol):
-    """Whatever knows local parts: the users database now, aliases later."""
+    """Whatever knows local parts: the users database, or `relayhub.aliases.LocalNames`
+    (users and aliases). `knows` may raise an SMTPReply such as TemporaryFailure when it
+    cannot tell (an unusable aliases table): the RCPT is then answered with that reply."""
 
     def knows(self, local_part: str) -> bool: ...
 

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relayhub import control
+from relayhub.aliases import AliasDatabase, AliasWatcher, LocalNames
 from relayhub.config import ConfigError, Settings, load_settings
 from relayhub.delivery.local import MaildirCourier
 from relayhub.delivery.manager import QueueManager
@@ -75,11 +76,19 @@ class HubService(MultiService):
         self.store: QueueStore = SQLiteQueueStore(settings.server.state_dir,
                                                   close_on_shutdown=False)
         self.users = UserDatabase(settings.users.file)
+        # Aliases: re-read within a second of a change; users and aliases answer RCPT together.
+        self.aliases = AliasDatabase(settings.aliases.file)
+        AliasWatcher(self.aliases, reactor).setServiceParent(self)
+        self.names = LocalNames(
+            self.aliases, self.users, settings.domains.local,
+            lambda domain: self.policy.classify_domain(domain) == "local",
+            max_recipients=settings.smtp.max_recipients,
+        )
         self.policy = AcceptancePolicy(
             local_domains=settings.domains.local,
             relay_domains=settings.domains.relay,
             trusted_networks=settings.domains.trusted_networks,
-            directory=self.users,
+            directory=self.names,
         )
         self.manager = self._queue_manager(settings, reactor)
         self.factories: list[SMTPServerFactory] = []
@@ -89,7 +98,7 @@ class HubService(MultiService):
         ):
             factory = SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp, submission),
-                self.policy, self.store, reactor, on_queued=self._new_mail,
+                self.policy, self.store, reactor, on_queued=self._new_mail, names=self.names,
             )
             self.factories.append(factory)
             for description in descriptions:

@@ -7,12 +7,15 @@ under pipelining, falls back to command mode inside DATA, and lacks the extensio
   fsync after DATA) input is paused and buffered, so replies always come in order and no
   body byte can be read as a command;
 - DATA goes through `DataReader`, which alone decides where the data ends;
-- every refusal is an `SMTPReply` raised by policy or parsing code, answered here.
+- every refusal is an `SMTPReply` raised by policy or parsing code, answered here;
+- RCPT expands aliases into the final recipients that are queued (why there and not at
+  delivery: relayhub.aliases), and VRFY/EXPN answers come from relayhub.aliases too.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +28,7 @@ from twisted.python.failure import Failure
 
 from relayhub import maillog
 from relayhub.address import Mailbox
+from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
 from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.policy import AcceptancePolicy, ClientContext
@@ -41,6 +45,8 @@ MAX_HOPS = 50
 MAX_ERRORS = 10
 
 _LOG = maillog.SMTPD
+# What a client typed is logged, but never a control character that could forge a log line.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,9 @@ class _Transaction:
     smtputf8: bool
     ret: str | None
     envid: str | None
-    recipients: list[RecipientRequest] = field(default_factory=list)
+    recipients: list[RecipientRequest] = field(default_factory=list)  # after alias expansion
+    accepted: list[str] = field(default_factory=list)  # the RCPT addresses, as the client gave
+    keys: set[str] = field(default_factory=set)  # Member.key of each recipient: each once
 
 
 Reply = tuple[int, str, str] | list[str]  # (code, status, text), or ready-made lines
@@ -80,10 +88,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     factory: SMTPServerFactory
 
-    def __init__(self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore) -> None:
+    def __init__(self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore,
+                 names: LocalNames | None = None) -> None:
         self.config = config
         self.policy = policy
         self.store = store
+        self.names = names  # None: no alias expansion, VRFY/EXPN answer as if refused
         self._mode = _Mode.COMMAND
         self._buffer = bytearray()
         self._discarding_long_line = False
@@ -329,12 +339,25 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         assert self.client is not None
         try:
             mailbox = self.policy.check_recipient(command.path, self.client)
+            expansion = self.names.expand(mailbox) if self.names is not None else None
         except SMTPReply as refusal:
             self._reject("RCPT", refusal, recipient=arg)
             raise
-        txn.recipients.append(
-            RecipientRequest(address=str(mailbox), orcpt=command.orcpt, notify=command.notify)
-        )
+        request = RecipientRequest(address=str(mailbox), orcpt=command.orcpt,
+                                   notify=command.notify)
+        if expansion is None:
+            new = [(str(mailbox).lower(), request)]
+        else:
+            requests = recipient_requests(expansion, request, null_sender=txn.sender is None)
+            new = [(m.key, r) for m, r in zip(expansion.members, requests, strict=True)]
+        # A recipient named twice, directly or through lists, gets the message once.
+        fresh = [(key, r) for key, r in new if key not in txn.keys]
+        if len(txn.recipients) + len(fresh) > self.config.smtp.max_recipients:
+            return (452, "4.5.3", "Error: too many recipients")
+        txn.accepted.append(str(mailbox))
+        for key, r in fresh:
+            txn.keys.add(key)
+            txn.recipients.append(r)
         return (250, "2.1.5", "Ok")
 
     def smtp_DATA(self, arg: str) -> Outcome:
@@ -361,7 +384,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         incoming.write(received_header(
             helo=self._helo, client_name=self.client_name, client_address=self.client_address,
             hostname=self.config.hostname, protocol=self._protocol_keyword,
-            queue_id=incoming.queue_id, recipients=[r.address for r in txn.recipients],
+            # The addresses given, not the expansion: a list's members stay private.
+            queue_id=incoming.queue_id, recipients=txn.accepted,
             now=self.factory.clock.seconds(),
         ))
         self._mode = _Mode.DATA
@@ -444,17 +468,44 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def smtp_HELP(self, arg: str) -> Reply:
         return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP")
 
+    def _may_look_up(self, setting: str) -> bool:
+        """[smtp].vrfy / .expn: "all", "trusted" (trusted network or authenticated), "off"."""
+        client = self.client
+        return setting == "all" or (setting == "trusted" and client is not None
+                                    and (client.trusted or client.authenticated))
+
+    def _look_up(self, command: str, arg: str, answer: Callable[[], Reply]) -> Reply:
+        """Answer VRFY/EXPN and log the question and the reply code (never the names)."""
+        query = _UNPRINTABLE.sub("?", arg)[:200]
+        try:
+            reply = answer()
+        except SMTPReply as refusal:
+            _LOG.info(maillog.LOOKUP, command=command, query=query, client=self._client_label,
+                      reply=f"{refusal.code} {refusal.status}")
+            raise
+        last = reply[-1] if isinstance(reply, list) else f"{reply[0]} {reply[1]}"
+        count = f" ({len(reply)} lines)" if isinstance(reply, list) and len(reply) > 1 else ""
+        _LOG.info(maillog.LOOKUP, command=command, query=query, client=self._client_label,
+                  reply=" ".join(last.split(" ", 2)[:2]) + count)
+        return reply
+
     def smtp_VRFY(self, arg: str) -> Reply:
-        # Address verification arrives with the aliases work; until then answer as the
-        # "refused by policy" case does, revealing nothing (RFC 5321 §3.5.3).
         if not arg:
             raise SyntaxErrorReply("Syntax: VRFY address")
-        return (252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+        names = self.names
+        if names is not None and self._may_look_up(self.config.smtp.vrfy):
+            return self._look_up("VRFY", arg, lambda: names.vrfy(arg))
+        # Refused by policy: RFC 5321 §3.5.3's non-committal reply, revealing nothing.
+        return self._look_up("VRFY", arg, lambda: (
+            252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"))
 
     def smtp_EXPN(self, arg: str) -> Reply:
         if not arg:
             raise SyntaxErrorReply("Syntax: EXPN name")
-        return (502, "5.7.0", "Error: EXPN is disabled")
+        names = self.names
+        if names is not None and self._may_look_up(self.config.smtp.expn):
+            return self._look_up("EXPN", arg, lambda: names.expn(arg))
+        return self._look_up("EXPN", arg, lambda: (502, "5.7.0", "Error: EXPN is not available"))
 
     def smtp_QUIT(self, arg: str) -> Outcome:
         self._send([f"221 2.0.0 {self.config.hostname} Bye"])
@@ -473,8 +524,10 @@ class SMTPServerFactory(ServerFactory):
     def __init__(
         self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any,
         on_queued: Callable[[str], None] = lambda queue_id: None,
+        names: LocalNames | None = None,
     ) -> None:
         self.config = config
+        self.names = names  # aliases and users for RCPT expansion, VRFY and EXPN
         self.on_queued = on_queued  # tells the queue manager there is new mail
         self.policy = policy
         self.store = store
@@ -485,7 +538,7 @@ class SMTPServerFactory(ServerFactory):
         self.ready = False
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:  # type: ignore[override]
-        protocol = SMTPServerProtocol(self.config, self.policy, self.store)
+        protocol = SMTPServerProtocol(self.config, self.policy, self.store, self.names)
         protocol.factory = self
         return protocol
 
