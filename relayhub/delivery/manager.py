@@ -2,8 +2,30 @@
 courier with at most `concurrency_per_destination` sessions per next hop, and records
 each result (retry time, bounce, delay warning) back in the queue.
 
-It sleeps until the earliest due time, and `wake()` (called for every new `250`) makes it
-look again at once, so new mail starts moving within milliseconds, not at the next poll.
+It sleeps until the earliest due time, and `wake()` (called for every new `250`, and by
+relayhubctl after each change) makes it look again at once, so new mail starts moving within
+milliseconds, not at the next poll.
+
+Administrative changes and deliveries in flight (relayhubctl queue hold/delete/bounce/pause):
+
+- A recipient is *in flight* once the queue manager has checked it in the store and is
+  attempting it. For local delivery the check is the claim that leases it (delivery starts
+  right then). For SMTP it is one more store query (`confirm_leased`) when a session takes
+  the message for its next transaction, since leased work may wait in memory for a free
+  session. The check and each change are transactions on the same database, so a change
+  commits either before the check, and the work is dropped from memory unattempted, or
+  after it, and the attempt is already in flight.
+- `delete`: no attempt starts after the command has returned. An attempt in flight runs to
+  its end; its results are then discarded, since the rows are gone (`Recorded.VANISHED`),
+  and no notice is sent for it. Its body file is gone too, so an attempt that had not yet
+  opened it fails with 4.3.0 and is equally discarded.
+- `hold` and `pause`: work checked later is dropped and its lease ended; an attempt in
+  flight completes and is recorded normally.
+- `bounce`: marks pending recipients "given up" and due now; a scan bounces them through
+  the normal result path (log line, delivery status notification, record). An attempt in
+  flight completes; if it ends deferred, the recipient is due at once and bounced next.
+- `flush`/`release`/`resume` make recipients due and wake the manager; recipients under
+  a lease keep it (no second attempt in parallel with one in flight).
 """
 
 from __future__ import annotations
@@ -12,7 +34,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -21,12 +43,14 @@ from twisted.python.failure import Failure
 
 from relayhub import maillog
 from relayhub.config import DeliverySettings, NextHop
+from relayhub.delivery.interfaces import Item, LocalCourier, Notifier, Results, SMTPCourier
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.delivery.schedule import due_for_delay_warning, expired, retry_delay
 from relayhub.queue.store import (
     DueWork,
     QueueStore,
     RecipientUpdate,
+    Recorded,
     StoredMessage,
     StoredRecipient,
 )
@@ -46,35 +70,48 @@ MAX_SLEEP = 60.0
 # How long a stop waits for attempts under way to finish and be recorded. The rest keep
 # their leases and are retried after the next start (SPEC §9).
 STOP_GRACE = 10.0
-
-Results = list[AttemptResult]  # one per recipient, in the order given
-
-
-class LocalCourier(Protocol):
-    def deliver(self, message: StoredMessage, recipients: Sequence[StoredRecipient],
-                mailboxes: Sequence[str]) -> defer.Deferred[Results]: ...
-
-
-class SMTPCourier(Protocol):
-    def deliver(self, hop: NextHop, items: Sequence[tuple[StoredMessage, tuple[StoredRecipient,
-                ...]]]) -> defer.Deferred[list[Results]]: ...
-
-
-class Notifier(Protocol):
-    def notify(self, message: StoredMessage, failed: Sequence[tuple[StoredRecipient,
-               AttemptResult]], delayed: Sequence[tuple[StoredRecipient, AttemptResult]],
-               succeeded: Sequence[tuple[StoredRecipient, AttemptResult]]
-               ) -> defer.Deferred[None]: ...
-
+# The result given to a recipient an administrator gave up on (`relayhubctl queue bounce`).
+GIVE_UP_STATUS = "5.0.0"
+GIVE_UP_TEXT = "message returned to the sender by the mail administrator"
+# Logged when an attempt ends for a message deleted meanwhile (relayhubctl queue delete).
+DISCARDED = "{queue_id}: deleted during delivery, attempt results discarded"
 
 @dataclass
 class _Destination:
-    """Work waiting for one SMTP next hop, and how many sessions it has open."""
+    """Work waiting for one SMTP next hop, and the sessions open to it."""
 
     hop: NextHop
-    waiting: deque[tuple[StoredMessage, tuple[StoredRecipient, ...]]] = field(
-        default_factory=deque)
-    sessions: int = 0
+    waiting: deque[Item] = field(default_factory=deque)
+    sessions: set[_SessionWork] = field(default_factory=set)
+
+    def room(self) -> int:
+        """How many waiting messages the sessions still opening will take. Sessions already
+        busy with a message count for nothing: work that arrives meanwhile gets a session of
+        its own (up to the concurrency limit), though a busy one may take it first."""
+        return sum(session.quota for session in self.sessions if session.opening)
+
+
+class _SessionWork:
+    """One session's source of work: it takes messages waiting for its destination, up to
+    MESSAGES_PER_SESSION, each confirmed in the store just before it goes (see the module
+    docstring), and hands each one's results to the manager as soon as they are known."""
+
+    def __init__(self, manager: QueueManager, destination: _Destination) -> None:
+        self.manager = manager
+        self.destination = destination
+        self.quota = MESSAGES_PER_SESSION
+
+    @property
+    def opening(self) -> bool:
+        """Connecting, or handed nothing yet."""
+        return self.quota == MESSAGES_PER_SESSION
+
+    async def next(self) -> Item | None:
+        return await self.manager._next_for(self)
+
+    def done(self, item: Item, results: Results) -> None:
+        message, recipients = item
+        self.manager._track(self.manager._record(message, recipients, results))
 
 
 class QueueManager(Service):
@@ -167,7 +204,7 @@ class QueueManager(Service):
             self._rescan = False
             self.wake()
             return None
-        return self.store.next_due().addCallbacks(
+        return self.store.next_due(self.clock.seconds()).addCallbacks(
             self._sleep_until, lambda failure: self._sleep_until(None))
 
     def _sleep_until(self, due: float | None) -> None:
@@ -184,7 +221,12 @@ class QueueManager(Service):
             local: list[tuple[StoredRecipient, str]] = []
             remote: dict[str, list[StoredRecipient]] = {}
             hops: dict[str, NextHop] = {}
+            given_up = tuple(r for r in item.recipients if r.give_up)
+            if given_up:
+                self._give_up(item.message, given_up)
             for recipient in item.recipients:
+                if recipient.give_up:
+                    continue
                 route = self.router.route(recipient.address)
                 if isinstance(route, LocalRoute):
                     local.append((recipient, route.mailbox))
@@ -212,14 +254,38 @@ class QueueManager(Service):
             self._start_sessions(key)
 
     def _start_sessions(self, key: str) -> None:
+        """Open sessions while work waits beyond what the open ones will still take."""
         destination = self._destinations[key]
-        while destination.waiting and (
-            destination.sessions < self.settings.concurrency_per_destination
-        ):
-            batch = [destination.waiting.popleft()
-                     for _ in range(min(MESSAGES_PER_SESSION, len(destination.waiting)))]
-            destination.sessions += 1
-            self._run_session(key, destination.hop, batch)
+        while (self.running and len(destination.waiting) > destination.room()
+               and len(destination.sessions) < self.settings.concurrency_per_destination):
+            work = _SessionWork(self, destination)
+            destination.sessions.add(work)
+            session = self.smtp.deliver(destination.hop, work)
+            session.addBoth(self._session_done, key, work)
+            self._track(session)
+
+    async def _next_for(self, work: _SessionWork) -> Item | None:
+        """The next confirmed item for `work`'s session, or None to end it."""
+        destination = work.destination
+        while work.quota > 0 and destination.waiting and self.running:
+            message, recipients = destination.waiting.popleft()
+            try:
+                confirmed = await self.store.confirm_leased(
+                    [(message.queue_id, [r.index for r in recipients])], self.clock.seconds())
+            except BaseException:
+                # Not attempted: its lease runs out after LEASE and it is picked again.
+                self._in_flight -= len(recipients)
+                raise
+            still = tuple(r for r in recipients if (message.queue_id, r.index) in confirmed)
+            if len(still) < len(recipients):
+                self._in_flight -= len(recipients) - len(still)
+                # Room freed, and given-up recipients among them are due now to be bounced.
+                self.wake()
+            if still:
+                work.quota -= 1
+                return message, still
+        work.quota = 0  # it takes nothing more: a new session is started for later work
+        return None
 
     def _deliver_local(self, message: StoredMessage, recipients: tuple[StoredRecipient, ...],
                        mailboxes: list[str]) -> None:
@@ -227,28 +293,18 @@ class QueueManager(Service):
         delivery.addCallback(lambda results: self._record(message, recipients, results))
         self._track(delivery)
 
-    def _run_session(self, key: str, hop: NextHop,
-                     batch: list[tuple[StoredMessage, tuple[StoredRecipient, ...]]]) -> None:
-        session = self.smtp.deliver(hop, batch)
-        session.addCallback(lambda results: self._record_session(results, batch))
-        session.addBoth(self._session_done, key)
-        self._track(session)
+    def _give_up(self, message: StoredMessage, recipients: tuple[StoredRecipient, ...]) -> None:
+        """Bounce recipients an administrator gave up on, as if an attempt had failed."""
+        results = [AttemptResult.bounced(r.address, GIVE_UP_STATUS, GIVE_UP_TEXT)
+                   for r in recipients]
+        self._track(self._record(message, recipients, results))
 
-    def _record_session(
-        self, results: list[Results],
-        batch: list[tuple[StoredMessage, tuple[StoredRecipient, ...]]],
-    ) -> defer.Deferred[Any]:
-        return defer.gatherResults(
-            [self._record(message, recipients, message_results)
-             for (message, recipients), message_results in zip(batch, results, strict=True)],
-            consumeErrors=True,
-        )
-
-    def _session_done(self, result: object, key: str) -> None:
+    def _session_done(self, result: object, key: str, work: _SessionWork) -> None:
+        """A session is over: free its slot, and start another if work waits."""
         if isinstance(result, Failure):
             _LOG.failure("delivery session failed", result)
         destination = self._destinations[key]
-        destination.sessions -= 1
+        destination.sessions.discard(work)
         if destination.waiting:
             self._start_sessions(key)
         elif not destination.sessions:
@@ -300,17 +356,38 @@ class QueueManager(Service):
             updates.append(RecipientUpdate(recipient.index, result, next_attempt, warned))
         notified = self.notifier.notify(message, failed, delayed, succeeded)
 
-        def record(_: object) -> defer.Deferred[bool]:
+        def unless_deleted(failure: Failure) -> Failure | defer.Deferred[None]:
+            # A notice quotes the body; without it, the message may have been deleted during
+            # the attempt, and then there is nobody to tell (record discards the results).
+            cause = failure.value
+            if isinstance(cause, defer.FirstError):  # from the notifier's gatherResults
+                cause = cause.subFailure.value
+            if not isinstance(cause, FileNotFoundError):
+                return failure
+
+            def gone(found: StoredMessage | None) -> None:
+                if found is not None:
+                    failure.raiseException()
+
+            return self.store.get_message(message.queue_id).addCallback(gone)
+
+        def record(_: object) -> defer.Deferred[Recorded]:
             return self.store.record_attempts(message.queue_id, updates, now)
 
-        def done(removed: bool) -> None:
-            self._in_flight -= len(recipients)
-            if removed:
+        def done(recorded: Recorded) -> None:
+            if recorded is Recorded.REMOVED:
                 _LOG.info(maillog.REMOVED, queue_id=message.queue_id)
+            elif recorded is Recorded.VANISHED:
+                _LOG.info(DISCARDED, queue_id=message.queue_id)
+
+        def finished(result: object) -> object:
+            self._in_flight -= len(recipients)
             # Something freed up or became due (a retry sooner than the timer): look again.
             self.wake()
+            return result
 
-        return notified.addCallback(record).addCallback(done)
+        recorded = notified.addErrback(unless_deleted).addCallback(record).addCallback(done)
+        return recorded.addBoth(finished)
 
     def _log_attempt(self, message: StoredMessage, recipient: StoredRecipient,
                      result: AttemptResult, now: float) -> None:

@@ -4,30 +4,30 @@ session, and prepares each body for what that hop can carry (7-bit, line lengths
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from twisted.internet import defer, threads
 
 from relayhub.config import NextHop
+from relayhub.delivery.interfaces import Item, WorkSource
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.dns import DNSError, MXResolver
 from relayhub.mime import body_traits, limit_line_length, to_7bit
-from relayhub.queue.store import QueueStore, StoredMessage, StoredRecipient
+from relayhub.queue.store import QueueStore, StoredRecipient
 from relayhub.smtp.client import (
     OutboundMessage,
     OutboundRecipient,
-    SessionResult,
+    SessionEnd,
     Timeouts,
     TLSPolicy,
-    deliver_session,
+    run_session,
 )
 
 # RFC 5321 §4.5.3.1.6: no line on the wire may be longer than this (without its CRLF).
 MAX_WIRE_LINE = 998
 
-Item = tuple[StoredMessage, tuple[StoredRecipient, ...]]
 
 
 def open_for_hop(path: Path, eight_bit_ok: bool) -> BinaryIO:
@@ -44,6 +44,26 @@ def open_for_hop(path: Path, eight_bit_ok: bool) -> BinaryIO:
     return io.BytesIO(to_7bit(data) if needs_7bit else limit_line_length(data))
 
 
+class _Outbound:
+    """Presents the manager's work to a session as outbound messages."""
+
+    def __init__(self, work: WorkSource, outbound: Callable[[Item], OutboundMessage]) -> None:
+        self.work = work
+        self.outbound = outbound
+        self._items: dict[int, Item] = {}
+
+    async def next(self) -> OutboundMessage | None:
+        item = await self.work.next()
+        if item is None:
+            return None
+        message = self.outbound(item)
+        self._items[id(message)] = item
+        return message
+
+    def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
+        self.work.done(self._items.pop(id(message)), results)
+
+
 class RelayCourier:
     def __init__(self, reactor: Any, store: QueueStore, resolver: MXResolver, *,
                  helo_name: str, tls: TLSPolicy, default_port: int,
@@ -56,34 +76,34 @@ class RelayCourier:
         self.default_port = default_port
         self.timeouts = timeouts or Timeouts()
 
-    def deliver(self, hop: NextHop, items: Sequence[Item]) -> defer.Deferred[list[list[
-            AttemptResult]]]:
-        return defer.Deferred.fromCoroutine(self._deliver(hop, list(items)))
+    def deliver(self, hop: NextHop, work: WorkSource) -> defer.Deferred[None]:
+        """Deliver what `work` hands over to `hop`, over one connection while it lasts."""
+        return defer.Deferred.fromCoroutine(self._deliver(hop, work))
 
-    async def _deliver(self, hop: NextHop, items: list[Item]) -> list[list[AttemptResult]]:
+    async def _deliver(self, hop: NextHop, work: WorkSource) -> None:
         try:
             targets = await self.resolver.resolve(hop, self.default_port)
         except DNSError as error:
             outcome = Outcome.BOUNCED if error.permanent else Outcome.DEFERRED
-            return [[AttemptResult(r.address, outcome, error.status, error.text)
-                     for r in recipients] for _, recipients in items]
-        messages = [self._outbound(message, recipients) for message, recipients in items]
-        session: SessionResult | None = None
+            status, text = error.status, error.text
+            await _drain(work, lambda r: AttemptResult(r.address, outcome, status, text))
+            return
+        source = _Outbound(work, self._outbound)
+        end: SessionEnd | None = None
         for target in targets:
-            session = await deliver_session(
+            end = await run_session(
                 self.reactor, host=target.host, address=target.address, port=target.port,
-                messages=messages, helo_name=self.helo_name, tls=self.tls,
-                timeouts=self.timeouts,
+                source=source, helo_name=self.helo_name, tls=self.tls, timeouts=self.timeouts,
             )
-            if session.reached_transaction:
-                break  # that host spoke for the mail; the next MX is for unreachable ones
-        if session is None:
-            return [[AttemptResult.deferred(r.address, "4.4.4", f"no address for {hop}")
-                     for r in recipients] for _, recipients in items]
-        return session.results
+            if end.reached_transaction:
+                return  # that host spoke for the mail; the next MX is for unreachable ones
+        # No address took a session: what waits for this hop waits longer, for that reason.
+        status, text, _ = (end.failure if end and end.failure
+                           else ("4.4.4", f"no usable address for {hop}", False))
+        await _drain(work, lambda r: AttemptResult.deferred(r.address, status, text))
 
-    def _outbound(self, message: StoredMessage, recipients: tuple[StoredRecipient, ...]
-                  ) -> OutboundMessage:
+    def _outbound(self, item: Item) -> OutboundMessage:
+        message, recipients = item
         path = Path(self.store.body_path(message.queue_id))
 
         def open_body(eight_bit_ok: bool) -> defer.Deferred[BinaryIO]:
@@ -100,3 +120,9 @@ class RelayCourier:
             size=message.size, body_type=envelope.body_type, smtputf8=envelope.smtputf8,
             ret=envelope.ret, envid=envelope.envid, open_body=open_body,
         )
+
+
+async def _drain(work: WorkSource,
+                 result: Callable[[StoredRecipient], AttemptResult]) -> None:
+    while (item := await work.next()) is not None:
+        work.done(item, [result(r) for r in item[1]])

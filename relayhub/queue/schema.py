@@ -62,6 +62,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Aliases: list members get the list owner as their envelope sender.
         "ALTER TABLE recipients ADD COLUMN sender TEXT",
     ),
+    (
+        # relayhubctl: each recipient's domain, for per-domain pause, flush, list and
+        # statistics. Existing rows get the part after the last "@" (rtrim strips every
+        # character but "@" from the right), lower-cased: relayhub.queue.store.domain_of.
+        "ALTER TABLE recipients ADD COLUMN domain TEXT NOT NULL DEFAULT ''",
+        """UPDATE recipients SET domain =
+            lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))""",
+        "CREATE INDEX recipients_domain ON recipients (domain, status)",
+        # `queue bounce`: the queue manager bounces a marked recipient instead of trying it.
+        "ALTER TABLE recipients ADD COLUMN give_up INTEGER NOT NULL DEFAULT 0",
+        # `queue pause`: no delivery to these domains until `until` (NULL: until resumed).
+        "CREATE TABLE paused (domain TEXT PRIMARY KEY, until REAL)",
+    ),
 )
 
 

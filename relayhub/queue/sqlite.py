@@ -7,7 +7,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -21,15 +21,22 @@ from relayhub.errors import TemporaryFailure
 from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
 from relayhub.queue.store import (
+    Changed,
     DueWork,
     Envelope,
+    HistoryEntry,
     IncomingMessage,
+    MessageFilter,
     QueueStore,
+    QueueSummary,
     RecipientRequest,
     RecipientStatus,
     RecipientUpdate,
+    Recorded,
+    Selection,
     StoredMessage,
     StoredRecipient,
+    domain_of,
 )
 
 T = TypeVar("T")
@@ -44,8 +51,9 @@ MESSAGE_COLUMNS = (
 )
 RECIPIENT_COLUMNS = (
     "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,"
-    " delay_warned, sender"
+    " delay_warned, sender, give_up"
 )
+_PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
 
 # Errors that concern one message of a batch (bad data, a body file that vanished); anything
 # else (disk full, I/O error) fails the whole batch.
@@ -401,11 +409,11 @@ class SQLiteQueueStore(QueueStore):
              env.protocol, env.auth_user),
         )
         db.executemany(
-            f"INSERT INTO recipients ({RECIPIENT_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL, 0, ?)",
+            f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, domain)"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, NULL, 0, ?, 0, ?)",
             [
                 (job.queue_id, idx, r.address, r.orcpt, ",".join(r.notify),
-                 RecipientStatus.QUEUED.value, job.arrival, r.sender)
+                 RecipientStatus.QUEUED.value, job.arrival, r.sender, domain_of(r.address))
                 for idx, r in enumerate(env.recipients)
             ],
         )
@@ -475,8 +483,22 @@ class SQLiteQueueStore(QueueStore):
 
         return self._call(one)
 
-    def list_messages(self) -> Deferred[Sequence[StoredMessage]]:
-        return self._call(self._load, None)
+    def list_messages(self, only: MessageFilter | None = None
+                      ) -> Deferred[Sequence[StoredMessage]]:
+        if only is None:
+            return self._call(self._load, None)
+        conditions, args = [], {}
+        if only.held:
+            conditions.append("held = 1")
+        if only.deferred:
+            conditions.append("held = 0 AND id IN (SELECT message_id FROM recipients"
+                              " WHERE status = 'deferred')")
+        if only.domain is not None:
+            conditions.append(f"id IN (SELECT message_id FROM recipients WHERE domain = :domain"
+                              f" AND status IN {_PENDING})")
+            args["domain"] = only.domain
+        where = " AND ".join(conditions) or "1"
+        return self._call(self._load_where, where, args)
 
     def body_path(self, queue_id: str) -> str:
         if not is_queue_id(queue_id):
@@ -484,29 +506,34 @@ class SQLiteQueueStore(QueueStore):
         return str(self.bodies / queue_id)
 
     def _load(self, queue_id: str | None) -> list[StoredMessage]:
+        if queue_id:
+            return self._load_where("id = :id", {"id": queue_id})
+        return self._load_where("1", {})
+
+    def _load_where(self, where: str, args: dict[str, Any]) -> list[StoredMessage]:
+        """The messages satisfying `where` (SQL over messages' columns) with recipients."""
         db = self._db
-        where, args = ("WHERE id = ?", (queue_id,)) if queue_id else ("", ())
-        rwhere = "WHERE message_id = ?" if queue_id else ""
         db.execute("BEGIN")  # one snapshot for both queries
         try:
             messages = db.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages {where} ORDER BY arrival, id", args
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY arrival, id", args
             ).fetchall()
             recipients = db.execute(
-                f"SELECT {RECIPIENT_COLUMNS} FROM recipients {rwhere} ORDER BY message_id, idx",
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id IN"
+                f" (SELECT id FROM messages WHERE {where}) ORDER BY message_id, idx",
                 args,
             ).fetchall()
         finally:
             self._rollback()
         by_message: dict[str, list[StoredRecipient]] = {}
         for (mid, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,
-             delay_warned, sender) in recipients:
+             delay_warned, sender, give_up) in recipients:
             by_message.setdefault(mid, []).append(StoredRecipient(
                 index=idx, address=address, orcpt=orcpt,
                 notify=tuple(notify.split(",")) if notify else (),
                 status=RecipientStatus(status), attempts=attempts,
                 next_attempt=next_attempt, last_error=last_error,
-                delay_warned=bool(delay_warned), sender=sender,
+                delay_warned=bool(delay_warned), sender=sender, give_up=bool(give_up),
             ))
         return [self._message(row, tuple(by_message.get(row[0], ()))) for row in messages]
 
@@ -542,24 +569,73 @@ class SQLiteQueueStore(QueueStore):
     def release_leases(self) -> Deferred[int]:
         return self._call(lambda: scheduling.release_leases(self._db))
 
-    def next_due(self) -> Deferred[float | None]:
-        return self._call(lambda: scheduling.next_due(self._db))
+    def next_due(self, now: float) -> Deferred[float | None]:
+        return self._call(lambda: scheduling.next_due(self._db, now))
+
+    def confirm_leased(self, work: Sequence[tuple[str, Sequence[int]]], now: float
+                       ) -> Deferred[set[tuple[str, int]]]:
+        pairs = [(queue_id, index) for queue_id, indexes in work for index in indexes]
+        return self._call(lambda: scheduling.confirm_leased(self._db, pairs, now))
 
     def record_attempts(
         self, queue_id: str, updates: Sequence[RecipientUpdate], now: float
-    ) -> Deferred[bool]:
-        def record() -> bool:
-            finished = scheduling.record_attempts(self._db, queue_id, updates, now)
-            if finished:
+    ) -> Deferred[Recorded]:
+        def record() -> Recorded:
+            recorded = scheduling.record_attempts(self._db, queue_id, updates, now)
+            if recorded is Recorded.REMOVED:
                 # After the commit: a crash in between leaves an orphan, never a lost row.
                 spool.remove(self.bodies / queue_id)
-            return finished
+            return recorded
 
         return self._call(record)
 
+    # -- for relayhubctl ------------------------------------------------------------------
+
+    def hold(self, selection: Selection) -> Deferred[Changed]:
+        return self._call(lambda: scheduling.hold(self._db, _valid(selection)))
+
+    def release(self, selection: Selection, now: float) -> Deferred[Changed]:
+        return self._call(lambda: scheduling.release(self._db, _valid(selection), now))
+
+    def flush(self, selection: Selection, now: float) -> Deferred[Changed]:
+        return self._call(lambda: scheduling.flush(self._db, _valid(selection), now))
+
+    def delete(self, selection: Selection) -> Deferred[Changed]:
+        def delete() -> Changed:
+            changed = scheduling.delete(self._db, _valid(selection))
+            # After the commit, as in record_attempts: a crash leaves orphans, swept later.
+            for queue_id in changed.changed:
+                spool.remove(self.bodies / queue_id)
+            return changed
+
+        return self._call(delete)
+
+    def bounce(self, queue_ids: Sequence[str], now: float) -> Deferred[Changed]:
+        valid = [q for q in queue_ids if is_queue_id(q)]
+        return self._call(lambda: scheduling.bounce(self._db, valid, now))
+
+    def pause(self, domain: str, until: float | None) -> Deferred[None]:
+        return self._call(lambda: scheduling.pause(self._db, domain, until, time.time()))
+
+    def resume(self, domain: str, now: float) -> Deferred[bool]:
+        return self._call(lambda: scheduling.resume(self._db, domain, now))
+
+    def history(self, queue_id: str) -> Deferred[list[HistoryEntry]]:
+        return self._call(lambda: scheduling.history(self._db, queue_id))
+
+    def summary(self, now: float) -> Deferred[QueueSummary]:
+        return self._call(lambda: scheduling.summary(self._db, now))
+
     def _call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        # _retry_busy re-runs `fn` whole, so each one must be a complete transaction.
         if not self._ready:
             return fail(QueueStateError("queue store is not open"))
         return deferToThreadPool(
             self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
         )
+
+
+def _valid(selection: Selection) -> Selection:
+    """`selection` without strings that cannot be queue IDs (they match nothing anyway; this
+    keeps paths such as "../x" away from the bodies directory)."""
+    return replace(selection, queue_ids=tuple(q for q in selection.queue_ids if is_queue_id(q)))

@@ -69,6 +69,9 @@ class StoredRecipient:
     last_error: str | None = None
     delay_warned: bool = False  # a "delayed" notice has gone out for it
     sender: str | None = None  # see RecipientRequest.sender
+    # `relayhubctl queue bounce` gave up on it: the queue manager bounces it at its next
+    # scan instead of attempting delivery (see QueueStore.bounce).
+    give_up: bool = False
 
     def return_path(self, message_sender: str) -> str:
         """The envelope sender to use (and to notify) for this recipient."""
@@ -108,6 +111,84 @@ class RecipientUpdate:
     result: AttemptResult
     next_attempt: float | None = None  # when a deferred recipient is due again
     delay_warned: bool = False  # a delay notice was sent with this attempt
+
+
+class Recorded(enum.StrEnum):
+    """What `QueueStore.record_attempts` did with the results of an attempt."""
+
+    KEPT = "kept"  # stored; some recipient is still pending
+    REMOVED = "removed"  # stored; every recipient is final, so the message left the queue
+    VANISHED = "vanished"  # the message was deleted during the attempt: results discarded
+
+
+def domain_of(address: str) -> str:
+    """The domain an address is queued for: after its last "@", lower-cased (quoted local
+    parts may hold an "@"). The SQL backfill in relayhub.queue.schema applies the same rule."""
+    return address.rpartition("@")[2].lower()
+
+
+def normalize_domain(domain: str) -> str:
+    """An administrator's domain argument as `domain_of` writes domains."""
+    return domain.strip().lower().removesuffix(".")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The messages an administrative command applies to: listed IDs, every message, or
+    every message with a recipient not yet final in `domain`."""
+
+    queue_ids: tuple[str, ...] = ()
+    everything: bool = False
+    domain: str | None = None  # as normalize_domain gives it
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """`relayhubctl queue list` filters; all given ones must hold."""
+
+    held: bool = False  # held messages only
+    deferred: bool = False  # messages with a deferred recipient that are not held
+    domain: str | None = None  # messages with a recipient not yet final in this domain
+
+
+@dataclass(frozen=True)
+class Changed:
+    """What an administrative command did: `changed` were changed, `unchanged` were found
+    but left alone (already held, held and so not flushed, ...); IDs missing from both are
+    not in the queue. Both in queue order."""
+
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One recorded attempt for one recipient (`recipient` is None if its row is gone)."""
+
+    time: float
+    recipient: str | None
+    relay: str
+    dsn: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PausedDomain:
+    domain: str
+    until: float | None  # epoch seconds; None = until `resume`
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """Queue totals for `relayhubctl queue stats` and `status`."""
+
+    messages: int
+    held: int
+    recipients: dict[str, int]  # every RecipientStatus value -> count
+    oldest_arrival: float | None
+    by_domain: dict[str, int]  # recipients not yet final, most first
+    in_flight: int  # recipients under a live lease (being attempted or about to be)
+    paused: tuple[PausedDomain, ...]
 
 
 class IncomingMessage(abc.ABC):
@@ -157,8 +238,10 @@ class QueueStore(abc.ABC):
         """One message with its recipients, or None when the ID is not queued."""
 
     @abc.abstractmethod
-    def list_messages(self) -> Deferred[Sequence[StoredMessage]]:
-        """Every queued message with its recipients, oldest first."""
+    def list_messages(self, only: MessageFilter | None = None
+                      ) -> Deferred[Sequence[StoredMessage]]:
+        """Every queued message (or those `only` lets through) with its recipients, oldest
+        first."""
 
     @abc.abstractmethod
     def collect_orphans(self, older_than: float) -> Deferred[int]:
@@ -185,12 +268,69 @@ class QueueStore(abc.ABC):
         left by a crashed one would otherwise delay those recipients until they expire."""
 
     @abc.abstractmethod
-    def next_due(self) -> Deferred[float | None]:
-        """The earliest next attempt among unleased, unheld, non-final recipients."""
+    def next_due(self, now: float) -> Deferred[float | None]:
+        """When to look again: the earliest next attempt (or lease end) among unheld,
+        non-final recipients of domains not paused at `now`, or the end of a pause."""
+
+    @abc.abstractmethod
+    def confirm_leased(self, work: Sequence[tuple[str, Sequence[int]]], now: float
+                       ) -> Deferred[set[tuple[str, int]]]:
+        """The (queue ID, recipient index) pairs of leased `work` that may still be
+        attempted: the message exists and is not held, the recipient is not final, not given
+        up on and its domain is not paused. The others that still exist lose their lease, so
+        they are picked again when due (given-up ones at once, to be bounced). One
+        transaction: a delete, hold or pause commits either before it (and the work is
+        dropped) or after it (and the attempt counts as already in flight)."""
 
     @abc.abstractmethod
     def record_attempts(
         self, queue_id: str, updates: Sequence[RecipientUpdate], now: float
-    ) -> Deferred[bool]:
+    ) -> Deferred[Recorded]:
         """Store results and history, end the leases; when every recipient is final the
-        message leaves the queue. Fires True when it did."""
+        message leaves the queue. A message deleted meanwhile is left gone (VANISHED). A
+        deferred recipient that was given up on meanwhile is due again at once."""
+
+    # -- for relayhubctl ----------------------------------------------------------------
+    # Each change is one transaction; a running queue manager sees it at its next scan
+    # (relayhubctl wakes it through the control channel) and before each SMTP session
+    # (confirm_leased).
+
+    @abc.abstractmethod
+    def hold(self, selection: Selection) -> Deferred[Changed]:
+        """Hold messages: they are not picked for delivery until released."""
+
+    @abc.abstractmethod
+    def release(self, selection: Selection, now: float) -> Deferred[Changed]:
+        """Release held messages and make their pending recipients due at once."""
+
+    @abc.abstractmethod
+    def flush(self, selection: Selection, now: float) -> Deferred[Changed]:
+        """Make pending recipients due at once (with a domain selection, only that domain's).
+        Held messages stay held (unchanged); recipients under a lease keep it."""
+
+    @abc.abstractmethod
+    def delete(self, selection: Selection) -> Deferred[Changed]:
+        """Remove messages with their body files, without any notice."""
+
+    @abc.abstractmethod
+    def bounce(self, queue_ids: Sequence[str], now: float) -> Deferred[Changed]:
+        """Give up on messages: their pending recipients get the give-up mark and are due at
+        once, and held ones are released, so that the queue manager bounces them through its
+        normal path (result, log line, delivery status notification to the sender)."""
+
+    @abc.abstractmethod
+    def pause(self, domain: str, until: float | None) -> Deferred[None]:
+        """Stop delivery to `domain` until `until` (None: until resumed)."""
+
+    @abc.abstractmethod
+    def resume(self, domain: str, now: float) -> Deferred[bool]:
+        """End a pause and make the domain's pending recipients due at once; False when the
+        domain was not paused."""
+
+    @abc.abstractmethod
+    def history(self, queue_id: str) -> Deferred[list[HistoryEntry]]:
+        """The recorded attempts of a message, oldest first."""
+
+    @abc.abstractmethod
+    def summary(self, now: float) -> Deferred[QueueSummary]:
+        """Totals of the whole queue."""
