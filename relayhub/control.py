@@ -71,8 +71,9 @@ def listen(reactor: Any, state_dir: Path, target: ControlTarget) -> defer.Deferr
     """Serve the control socket; lockfile=1 lets a restart replace a crashed run's socket."""
     endpoint = serverFromString(
         reactor, f"unix:{socket_path(state_dir)}:mode=600:lockfile=1")
-    listening: defer.Deferred[Any] = endpoint.listen(
-        Factory.forProtocol(lambda: ControlServer(target)))
+    factory = Factory.forProtocol(lambda: ControlServer(target))
+    factory.noisy = False
+    listening: defer.Deferred[Any] = endpoint.listen(factory)
     return listening
 
 

@@ -116,6 +116,10 @@ class UserDatabase:
     def __len__(self) -> int:
         return len(self._users)
 
+    def users(self) -> list[User]:
+        """Everyone, for VRFY's full-name search (a snapshot: a reload replaces the table)."""
+        return list(self._users.values())
+
     def lookup(self, name: str) -> User | None:
         return self._users.get(name.lower())
 

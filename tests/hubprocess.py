@@ -97,6 +97,48 @@ class Hub:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, *needles: str, timeout: float = 10.0) -> str:
+        """The log once it holds every needle: children's lines reach it through the master,
+        a moment after what they describe."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if all(needle in log for needle in needles):
+                return log
+            if time.monotonic() > deadline:
+                missing = [n for n in needles if n not in log]
+                raise AssertionError(f"not in the log: {missing}\n{log[-3000:]}")
+            time.sleep(0.05)
+
+    def children(self, module: str) -> list[int]:
+        """Live PIDs of the master's children running `module` ("worker" or "qmgr")."""
+        assert self.process is not None
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if (int(ppid) == self.process.pid and state != "Z"
+                    and f"relayhub.process.{module}".encode() in cmdline):
+                found.append(int(entry.name))
+        return found
+
+    def child(self, module: str, timeout: float = 10.0, not_pid: int | None = None) -> int:
+        """The PID of the master's (single) child running `module`, waiting for one that is
+        not `not_pid` (after a restart)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [pid for pid in self.children(module) if pid != not_pid]
+            if pids:
+                return pids[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {module} child of the master:\n{self.log()[-2000:]}")
+
     def kill9(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)

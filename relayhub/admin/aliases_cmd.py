@@ -9,13 +9,13 @@ from relayhub.address import parse_forward_path, parse_mailbox, quote_local_part
 from relayhub.admin.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, add_command
 from relayhub.aliases import (
     AliasFileError,
-    AliasSource,
     FixedAliases,
     LocalNames,
     load_aliases,
     recipient_requests,
 )
 from relayhub.config import Settings, load_settings
+from relayhub.directory import build_names
 from relayhub.errors import SMTPReply
 from relayhub.policy import AcceptancePolicy, ClientContext
 from relayhub.queue.store import RecipientRequest
@@ -29,18 +29,6 @@ def _problems(lines: list[str]) -> int:
     for line in lines:
         print(line, file=sys.stderr)
     return EXIT_USAGE
-
-
-def build_names(settings: Settings, aliases: AliasSource, users: UserDatabase
-                ) -> tuple[LocalNames, AcceptancePolicy]:
-    """The users-and-aliases directory and the RCPT policy over it, as the daemon builds them
-    (relayhub.tap); also for other commands (`route`) that must answer as RCPT does."""
-    names = LocalNames(aliases, users, settings.domains.local,
-                       lambda domain: policy.classify_domain(domain) == "local",
-                       max_recipients=settings.smtp.max_recipients)
-    policy = AcceptancePolicy(settings.domains.local, settings.domains.relay,
-                              settings.domains.trusted_networks, names)
-    return names, policy
 
 
 def load_names(settings: Settings) -> tuple[LocalNames, AcceptancePolicy]:

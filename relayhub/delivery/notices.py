@@ -30,13 +30,18 @@ class QueueNotifier:
 
     def __init__(self, store: QueueStore, hostname: str, postmaster: str, clock: Any, *,
                  max_lifetime: float,
-                 on_queued: Callable[[str], None] = lambda queue_id: None) -> None:
+                 on_queued: Callable[[str], None] = lambda queue_id: None,
+                 expand: Callable[[RecipientRequest], tuple[RecipientRequest, ...]] = (
+                     lambda request: (request,))) -> None:
         self.store = store
         self.max_lifetime = max_lifetime  # for Will-Retry-Until in delay notices
         self.hostname = hostname
         self.postmaster = postmaster
         self.clock = clock
         self.on_queued = on_queued
+        # Reports enter the queue without RCPT, so the aliases are applied here: a report
+        # to owner-LIST or to an aliased postmaster reaches whoever that names.
+        self.expand = expand
 
     def notify(self, message: StoredMessage, failed: Pairs, delayed: Pairs, succeeded: Pairs
                ) -> defer.Deferred[None]:
@@ -90,7 +95,7 @@ class QueueNotifier:
         incoming = self.store.incoming()
         incoming.write(report)
         envelope = Envelope(
-            sender="", recipients=(RecipientRequest(to),), protocol="local",
+            sender="", recipients=self.expand(RecipientRequest(to)), protocol="local",
             client_name="localhost", client_address="127.0.0.1", helo=self.hostname,
         )
 

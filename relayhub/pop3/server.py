@@ -738,13 +738,16 @@ class POP3Server(Protocol, TimeoutMixin):
 
 
 class POP3Factory(ServerFactory):
-    """Builds POP3 sessions for one listener and enforces the connection limit (per process;
-    the multi-process master will count across workers)."""
+    """Builds POP3 sessions for one listener and enforces its connection limit (per process).
+    `on_session(address, opened)` reports each session's start and end (a worker tells the
+    master, which counts connections across workers for `relayhubctl status`)."""
 
     noisy = False  # our own log lines say it better
 
     def __init__(self, config: Pop3Config, authenticator: Authenticator, mail_root: Path,
-                 reactor: Any, tls_context_factory: Any = None) -> None:
+                 reactor: Any, tls_context_factory: Any = None,
+                 on_session: Callable[[str, bool], None] = lambda address, opened: None
+                 ) -> None:
         self.config = config
         self.authenticator = authenticator
         self.mail_root = mail_root
@@ -752,7 +755,9 @@ class POP3Factory(ServerFactory):
         # An IOpenSSLServerConnectionCreator (e.g. ssl.CertificateOptions); STLS is offered
         # only when it is set.
         self.tls_context_factory = tls_context_factory
+        self.on_session = on_session
         self.connections = 0
+        self.sessions: set[POP3Server] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> POP3Server:  # type: ignore[override]
         return POP3Server(self)
@@ -763,9 +768,18 @@ class POP3Factory(ServerFactory):
     def admit(self, session: POP3Server) -> str | None:
         """Count a new session in; return why it is refused, or None."""
         self.connections += 1
+        self.sessions.add(session)
+        self.on_session(_peer_address(session), True)
         if self.connections > self.config.max_connections:
             return "Too many connections"
         return None
 
     def release(self, session: POP3Server) -> None:
         self.connections -= 1
+        self.sessions.discard(session)
+        self.on_session(_peer_address(session), False)
+
+
+def _peer_address(session: POP3Server) -> str:
+    peer = session.transport.getPeer() if session.transport is not None else None
+    return str(getattr(peer, "host", "") or "unix")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from relayhub.config import Settings
@@ -13,7 +14,9 @@ from relayhub.users import UserDatabase
 def pop3_factory(settings: Settings, users: UserDatabase, reactor: Any, *,
                  tls_context_factory: Any = None, implicit_tls: bool = False,
                  timeout: float = 600.0, auth_failure_delay: float = 1.0,
-                 max_connections: int = 1000) -> POP3Factory:
+                 max_connections: int = 1000,
+                 on_session: Callable[[str, bool], None] = lambda address, opened: None,
+                 ) -> POP3Factory:
     """A factory for one POP3 listener, serving `<state_dir>/mail/<user>/` Maildirs.
 
     `tls_context_factory` (e.g. `ssl.CertificateOptions`) enables STLS; `implicit_tls` marks
@@ -29,4 +32,4 @@ def pop3_factory(settings: Settings, users: UserDatabase, reactor: Any, *,
         implicit_tls=implicit_tls,
     )
     return POP3Factory(config, Authenticator(users, reactor), settings.server.state_dir / "mail",
-                       reactor, tls_context_factory=tls_context_factory)
+                       reactor, tls_context_factory=tls_context_factory, on_session=on_session)

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from relayhub import maillog
 from relayhub.address import Mailbox
+from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
 from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
@@ -105,6 +106,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._reader: DataReader | None = None
         self._header_prefix: HeaderPrefix | None = None
         self._errors = 0
+        self._greeted = False  # our 220 has gone out
+        self._admitted = False  # counted in by the admission, so to be released
         self._stage = "CONNECT"
         self._counts: dict[str, int] = {}
         self.client_address = ""
@@ -133,14 +136,42 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             submission=self.config.submission,
         )
         _LOG.info(maillog.CONNECT, client=self._client_label)
-        refusal = self.factory.admit(self)
-        if refusal is not None:
+        self.factory.sessions.add(self)
+        self.setTimeout(self.config.smtp.timeout)
+        self.factory.admission.admit(self.factory.service, self.client_address, trusted
+                                     ).addCallbacks(self._admission, self._admission_failed)
+
+    def _admission(self, refusal: str) -> None:
+        self._admitted = not refusal
+        if self._mode is _Mode.CLOSED:  # gone while we asked
+            self._release()
+        elif refusal:
             _LOG.warn(maillog.LIMIT, reason=refusal, client=self._client_label, reply="421")
             self._send([f"421 4.7.0 {self.config.hostname} Error: {refusal}, try again later"])
             self._close()
-            return
-        self.setTimeout(self.config.smtp.timeout)
-        self._send([f"220 {self.config.hostname} ESMTP relayhub"])
+        elif self._buffer:
+            # It talked before our greeting: a spam engine or a smuggling attempt
+            # (RFC 5321 §4.3.1: the client waits for the 220).
+            self._answer((554, "5.5.0", "Error: SMTP protocol synchronization"))
+            self._close()
+        else:
+            self._greeted = True
+            self._send([f"220 {self.config.hostname} ESMTP relayhub"])
+
+    def _admission_failed(self, failure: Failure) -> None:
+        _LOG.failure("admission failed for {client}", failure, client=self._client_label)
+        self._admission("service not available")
+
+    def _release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.factory.admission.release(self.factory.service, self.client_address)
+
+    def shutdown(self) -> None:
+        """The worker is stopping and the grace time is over (SPEC §9)."""
+        if self._mode is not _Mode.CLOSED:
+            self._send([f"421 4.3.2 {self.config.hostname} Service shutting down"])
+            self._close()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
@@ -148,7 +179,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             _LOG.info(maillog.LOST, stage=self._stage, client=self._client_label)
         self._mode = _Mode.CLOSED
         self._abort_incoming()
-        self.factory.release(self)
+        self._release()
+        self.factory.sessions.discard(self)
         counts = " ".join(f"{verb.lower()}={n}" for verb, n in self._counts.items())
         _LOG.info(maillog.DISCONNECT, client=self._client_label, counts=counts)
 
@@ -168,6 +200,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self._mode is _Mode.CLOSED:
             return
         self.resetTimeout()
+        if not self._greeted:
+            self._buffer += data[: MAX_COMMAND_LINE]  # judged when admission answers
+            return
         if self._mode is _Mode.DATA:
             self._feed_data(data)
         else:
@@ -437,6 +472,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         size = reader.size
 
         def queued(_: object) -> Reply:
+            self._stage = "END-OF-MESSAGE"  # a disconnect now loses nothing
             _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
                       size=size, nrcpt=len(envelope.recipients), client=self._client_label)
             self.factory.on_queued(incoming.queue_id)
@@ -514,52 +550,28 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
 
 class SMTPServerFactory(ServerFactory):
-    """Builds sessions for one listener and enforces the connection limits.
-
-    The counts are per process for now; the multi-process master will count across workers.
-    """
+    """Builds sessions for one kind of listener (`service`: smtp, submission, smtps); the
+    connection limits are the admission's (in a worker: the master, across all workers)."""
 
     noisy = False  # our own connect/disconnect lines say it better
 
     def __init__(
         self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any,
+        admission: Admission, *, service: str = "smtp",
         on_queued: Callable[[str], None] = lambda queue_id: None,
         names: LocalNames | None = None,
     ) -> None:
         self.config = config
+        self.admission = admission
+        self.service = service
+        self.sessions: set[SMTPServerProtocol] = set()
         self.names = names  # aliases and users for RCPT expansion, VRFY and EXPN
         self.on_queued = on_queued  # tells the queue manager there is new mail
         self.policy = policy
         self.store = store
         self.clock = clock
-        self.connections = 0
-        self._per_ip: dict[str, int] = {}
-        # False until the queue store has opened; sessions before that get 421.
-        self.ready = False
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:  # type: ignore[override]
         protocol = SMTPServerProtocol(self.config, self.policy, self.store, self.names)
         protocol.factory = self
         return protocol
-
-    def admit(self, session: SMTPServerProtocol) -> str | None:
-        """Count a new session in; return why it is refused, or None."""
-        address = session.client_address
-        self.connections += 1
-        self._per_ip[address] = self._per_ip.get(address, 0) + 1
-        if not self.ready:
-            return "service is starting"
-        if self.connections > self.config.smtp.max_connections:
-            return "too many connections"
-        trusted = session.client is not None and session.client.trusted
-        if not trusted and self._per_ip[address] > self.config.smtp.max_connections_per_ip:
-            return f"too many connections from {address}"
-        return None
-
-    def release(self, session: SMTPServerProtocol) -> None:
-        address = session.client_address
-        if address in self._per_ip:
-            self.connections -= 1
-            self._per_ip[address] -= 1
-            if not self._per_ip[address]:
-                del self._per_ip[address]

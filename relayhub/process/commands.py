@@ -1,0 +1,43 @@
+"""The AMP commands between the master and its children (workers, queue manager).
+
+Children reach the master over a socketpair inherited as file descriptor 3; values stay
+small (queue IDs, addresses), never message bodies (AMP values are limited to 64 KiB).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, TypeAlias
+
+from twisted.protocols import amp
+
+ArgumentList: TypeAlias = list[tuple[bytes, amp.Argument]]
+
+
+class NewMail(amp.Command):
+    """Worker → master: a message was queued (after its 250); the master wakes the queue
+    manager, so delivery starts at once instead of at its next scan."""
+
+    arguments: ClassVar[ArgumentList] = [(b"queue_id", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Wake(amp.Command):
+    """Master → queue manager: look at the queue now."""
+
+    requiresAnswer = False
+
+
+class Admit(amp.Command):
+    """Worker → master: may this new session go on? Connection limits count across every
+    worker, so only the master can answer. `refusal` is empty when it may."""
+
+    arguments: ClassVar[ArgumentList] = [(b"service", amp.Unicode()), (b"address", amp.Unicode()),
+                            (b"exempt", amp.Boolean())]
+    response: ClassVar[ArgumentList] = [(b"refusal", amp.Unicode())]
+
+
+class Release(amp.Command):
+    """Worker → master: a session admitted earlier has ended."""
+
+    arguments: ClassVar[ArgumentList] = [(b"service", amp.Unicode()), (b"address", amp.Unicode())]
+    requiresAnswer = False

@@ -1,0 +1,236 @@
+"""The master process (`twistd relayhub`): binds every listening socket, runs the protocol
+workers and the queue manager as children under `[server].user`, counts connections
+across workers, serves the control socket, and handles SIGHUP (reload) and SIGTERM.
+
+Like Postfix's master it keeps root when started as root, so that a reload can start new
+children as the service user; it never parses client input itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from relayhub import control
+from relayhub.admission import ConnectionCounter
+from relayhub.config import ConfigError, Settings, read_config, settings_from_text
+from relayhub.process import commands, listeners
+from relayhub.process.supervisor import ChildSpec, SupervisedChild
+
+_LOG = Logger(namespace="relayhub.master")
+
+# Children get this long past shutdown_grace to exit on their own before SIGKILL.
+KILL_MARGIN = 10.0
+
+
+class _ChildLocator(amp.CommandLocator):
+    """What one child may ask of the master."""
+
+    def __init__(self, master: MasterService, child: SupervisedChild) -> None:
+        super().__init__()
+        self.master = master
+        self.child = child
+
+    @commands.Admit.responder
+    def admit(self, service: str, address: str, exempt: bool) -> dict[str, str]:
+        return {"refusal": self.master.admission.admit(self.child.spec.name, service,
+                                                       address, exempt)}
+
+    @commands.Release.responder
+    def release(self, service: str, address: str) -> dict[str, str]:
+        self.master.admission.release(self.child.spec.name, service, address)
+        return {}
+
+    @commands.NewMail.responder
+    def new_mail(self, queue_id: str) -> dict[str, str]:
+        self.master.wake()
+        return {}
+
+
+class MasterService(Service):
+    def __init__(self, config_path: str | None, settings: Settings, reactor: Any) -> None:
+        self.config_path = config_path
+        self.config = read_config(config_path)
+        self.settings = settings
+        self.reactor = reactor
+        self.admission = ConnectionCounter(settings.smtp)
+        self.ports: list[Any] = []
+        self.bound: list[listeners.ListenerSpec] = []
+        self.workers: list[SupervisedChild] = []
+        self.queue_manager: SupervisedChild | None = None
+        self._generation = 0
+        self._started_at = 0.0
+        self._control_port: Any = None
+        self._uid, self._gid = self._service_user()
+
+    # -- start ---------------------------------------------------------------------
+
+    def _service_user(self) -> tuple[int | None, int | None]:
+        """Children run as [server].user when we are root; otherwise as ourselves."""
+        name = self.settings.server.user
+        if os.getuid() != 0 or not name:
+            return None, None
+        entry = pwd.getpwnam(name)
+        return entry.pw_uid, entry.pw_gid
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener now, while we may still open low ports."""
+        super().privilegedStartService()
+        state_dir = self.settings.server.state_dir
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._uid is not None and self._gid is not None:
+            os.chown(state_dir, self._uid, self._gid)
+        for spec in listeners.listener_specs(self.settings):
+            bound = defer.Deferred.fromCoroutine(listeners.bind(self.reactor, spec))
+            # TCP, UNIX and systemd endpoints bind synchronously; a failure (port in use)
+            # must stop start-up here, loudly.
+            port = _result_now(bound)
+            self.ports.append(port)
+            self.bound.append(spec)
+            _LOG.info("{service} listening on {endpoint}", service=spec.service,
+                      endpoint=spec.description)
+
+    def startService(self) -> None:
+        super().startService()
+        self._started_at = self.reactor.seconds()
+        # twistd starts services before the reactor installs its signal handlers; ours go in
+        # after them and replace them.
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+        self._start_workers(self.settings)
+        self._start_queue_manager()
+        control.listen(self.reactor, self.settings.server.state_dir, self).addCallbacks(
+            self._control_listening,
+            lambda failure: _LOG.failure("cannot serve the control socket", failure))
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM: an orderly stop that exits 0 (the reactor's own handler would make
+        twistd re-raise the signal). SIGHUP: reload."""
+        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._terminate))
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _terminate(self) -> None:
+        _LOG.info("SIGTERM: stopping")
+        self.reactor.stop()
+
+    def _control_listening(self, port: Any) -> None:
+        self._control_port = port
+        if self._uid is not None and self._gid is not None:
+            # relayhubctl run as the service user may use it too (it stays 0600).
+            os.chown(control.socket_path(self.settings.server.state_dir), self._uid, self._gid)
+
+    def _start_workers(self, settings: Settings) -> None:
+        self._generation += 1
+        generation = self._generation
+        fds = [listeners.port_socket(port).fileno() for port in self.ports]
+        adopted = listeners.encode([
+            listeners.AdoptedListener(spec, listeners.FIRST_LISTENER_FD + i,
+                                      listeners.port_socket(port).family)
+            for i, (spec, port) in enumerate(zip(self.bound, self.ports, strict=True))])
+        self.workers = [
+            self._spawn(ChildSpec(
+                role="worker", name=f"worker-{number}.{generation}",
+                module="relayhub.process.worker", listener_fds=fds,
+                environment={"RELAYHUB_LISTENERS": adopted, "RELAYHUB_WORKER": str(number)},
+            ))
+            for number in range(1, settings.server.workers + 1)
+        ]
+
+    def _start_queue_manager(self) -> None:
+        if self.running:
+            self.queue_manager = self._spawn(ChildSpec(
+                role="queue-manager", name="queue-manager", module="relayhub.process.qmgr"))
+
+    def _spawn(self, spec: ChildSpec) -> SupervisedChild:
+        child = SupervisedChild(
+            self.reactor, spec, self.config, uid=self._uid, gid=self._gid,
+            locator_factory=lambda c: _ChildLocator(self, c),
+            # A dead worker's sessions died with it; stop counting them.
+            on_exit=lambda c: self.admission.forget(c.spec.name))
+        child.start()
+        return child
+
+    # -- what children and the control socket ask ----------------------------------
+
+    def wake(self) -> None:
+        """Tell the queue manager to look at the queue now."""
+        channel = self.queue_manager.channel if self.queue_manager else None
+        if channel is not None:
+            channel.callRemote(commands.Wake)
+
+    def status(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        processes = [{"role": "master", "pid": os.getpid(),
+                      "uptime_seconds": round(now - self._started_at, 1)}]
+        for child in [*self.workers, *([self.queue_manager] if self.queue_manager else [])]:
+            if child.pid is not None:
+                processes.append({"role": child.spec.role, "pid": child.pid,
+                                  "uptime_seconds": round(now - child.started_at, 1)})
+        return {"processes": processes, "connections": self.admission.totals()}
+
+    def reload(self) -> defer.Deferred[list[str]]:
+        """Re-read the configuration and replace the children with ones that use it.
+
+        New workers start before the old ones are told to finish, so no connection is
+        refused meanwhile; old workers stop accepting and end their sessions. The queue
+        manager is replaced after the old one has stopped, since two would both claim
+        the queue.
+        """
+        try:
+            config = read_config(self.config_path)
+            settings = settings_from_text(*config)
+        except ConfigError as error:
+            for problem in error.problems:
+                _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
+            return defer.succeed(list(error.problems))
+        if listeners.listener_specs(settings) != self.bound:
+            _LOG.warn("listener changes take effect at the next restart; other changes now")
+        self.config, self.settings = config, settings
+        self.admission.limits = settings.smtp
+        old_workers, old_manager = self.workers, self.queue_manager
+        self._start_workers(settings)
+        for worker in old_workers:
+            worker.stop()
+        if old_manager is None:
+            self._start_queue_manager()
+        else:
+            old_manager.stop().addCallback(lambda _: self._start_queue_manager())
+        _LOG.info("reloaded {source}", source=config[0])
+        return defer.succeed([])
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        children = [*self.workers, *([self.queue_manager] if self.queue_manager else [])]
+        stopping = defer.gatherResults([child.stop() for child in children])
+
+        def kill_stragglers() -> None:
+            for child in children:
+                child.kill()
+
+        deadline = self.reactor.callLater(
+            self.settings.server.shutdown_grace + KILL_MARGIN, kill_stragglers)
+        stopping.addBoth(lambda _: deadline.cancel() if deadline.active() else None)
+        if self._control_port is not None:
+            stopping.addBoth(lambda _: self._control_port.stopListening())
+        stopping.addBoth(lambda _: listeners.close_all(self.ports))
+        return stopping.addBoth(lambda _: None)
+
+
+def _result_now(pending: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    pending.addBoth(results.append)
+    if not results:
+        raise RuntimeError("listening did not complete synchronously")
+    outcome = results[0]
+    if hasattr(outcome, "raiseException"):
+        outcome.raiseException()
+    return outcome
+

@@ -1,0 +1,122 @@
+"""A protocol worker: serves every SMTP and POP3 listener on the sockets the master bound,
+queues what it accepts, and tells the master about new mail and about each session."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from relayhub.config import Settings
+from relayhub.directory import Directory
+from relayhub.pop3.server import POP3Factory
+from relayhub.pop3.service import pop3_factory
+from relayhub.process import child, commands, listeners
+from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.smtp.service import SMTPService
+
+_LOG = Logger(namespace="relayhub.worker")
+
+# While draining, how often to look whether the last sessions have ended.
+DRAIN_POLL = 0.2
+
+
+class MasterAdmission:
+    """Connection limits counted by the master across every worker."""
+
+    def __init__(self, channel: child.MasterChannel) -> None:
+        self.channel = channel
+
+    def admit(self, service: str, address: str, exempt: bool) -> defer.Deferred[str]:
+        answer: defer.Deferred[dict[str, str]] = self.channel.callRemote(
+            commands.Admit, service=service, address=address, exempt=exempt)
+        return answer.addCallback(lambda reply: reply["refusal"])
+
+    def release(self, service: str, address: str) -> None:
+        self.channel.callRemote(commands.Release, service=service, address=address)
+
+
+class WorkerProcess(MultiService):
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
+        self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
+        self.directory = Directory(settings, reactor)
+        self.directory.setServiceParent(self)
+        self.smtp: SMTPService | None = None
+        self.pop3: dict[str, POP3Factory] = {}
+        self.ports: list[Any] = []
+
+    def startService(self) -> None:
+        channel = child.connect_master(self.reactor)
+        admission = MasterAdmission(channel)
+        self.smtp = SMTPService(
+            self.settings, self.store, self.directory, self.reactor, admission=admission,
+            on_queued=lambda queue_id: channel.callRemote(commands.NewMail, queue_id=queue_id))
+
+        def pop3_session(address: str, opened: bool) -> None:
+            # Counted by the master for `status`; POP3 has no cross-worker limit of its own.
+            if opened:
+                admission.admit("pop3", address, True)
+            else:
+                admission.release("pop3", address)
+
+        self.pop3 = {"pop3": pop3_factory(self.settings, self.directory.users, self.reactor,
+                                          on_session=pop3_session)}
+        super().startService()
+        # Accept only once the store is open: a session must never find it missing.
+        self.store.open().addCallbacks(self._adopt, self._cannot_open)
+
+    def _adopt(self, _: object) -> None:
+        assert self.smtp is not None
+        for listener in self.listeners:
+            service = listener.spec.service
+            factory = self.smtp.factory_for(service) or self.pop3.get(service)
+            if factory is None:
+                _LOG.error("{service} on {endpoint} is not served (needs [tls])",
+                           service=service, endpoint=listener.spec.description)
+            else:
+                self.ports.append(listeners.adopt(self.reactor, listener, factory))
+            os.close(listener.fd)
+
+    def _cannot_open(self, failure: Any) -> None:
+        _LOG.failure("cannot open the queue store", failure)
+        self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop accepting at once (the other workers and the next generation go on); open
+        sessions get until shutdown_grace to end, then SMTP ones get 421 (SPEC §9)."""
+        stopped = listeners.close_all(self.ports)
+        stopped.addCallback(lambda _: defer.Deferred.fromCoroutine(
+            self._drain(self.settings.server.shutdown_grace)))
+        stopped.addCallback(lambda _: super(WorkerProcess, self).stopService())
+        return stopped.addCallback(lambda _: self.store.close())
+
+    async def _drain(self, grace: float) -> None:
+        deadline = self.reactor.seconds() + grace
+        while self._sessions() and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, DRAIN_POLL, lambda: None)
+        if self.smtp is not None:
+            for session in self.smtp.sessions():
+                session.shutdown()
+        for factory in self.pop3.values():
+            for pop3_session in list(factory.sessions):
+                # Nothing is deleted without QUIT, so cutting a POP3 session loses nothing.
+                pop3_session.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _sessions(self) -> int:
+        smtp = len(self.smtp.sessions()) if self.smtp is not None else 0
+        return smtp + sum(len(factory.sessions) for factory in self.pop3.values())
+
+
+def main() -> None:
+    child.run(WorkerProcess)
+
+
+if __name__ == "__main__":
+    main()
