@@ -55,10 +55,16 @@ def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
 class Hub:
     """One relayhub daemon in `directory`, with its own state and ports."""
 
-    def __init__(self, directory: Path, overrides: Mapping[str, Mapping[str, Any]] = {}) -> None:
+    def __init__(self, directory: Path, overrides: Mapping[str, Mapping[str, Any]] = {}, *,
+                 twistd: Path = TWISTD, smtp_port: int | None = None,
+                 from_checkout: bool = True) -> None:
+        """`twistd`: another installation's (with `from_checkout` false, it runs what that
+        installation holds rather than this checkout)."""
         self.directory = directory
         self.state_dir = directory / "state"
-        self.smtp_port = free_port()
+        self.twistd = twistd
+        self.from_checkout = from_checkout
+        self.smtp_port = smtp_port or free_port()
         self.pop3_port = free_port()
         self.log_path = directory / "relayhub.log"
         sections: dict[str, dict[str, Any]] = {
@@ -75,9 +81,11 @@ class Hub:
 
     def start(self, timeout: float = 20.0) -> Hub:
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        if not self.from_checkout:
+            del env["PYTHONPATH"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(TWISTD), "-n", "--pidfile=", "relayhub", "-c", str(self.config_path)],
+                [str(self.twistd), "-n", "--pidfile=", "relayhub", "-c", str(self.config_path)],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         deadline = time.monotonic() + timeout

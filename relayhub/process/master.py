@@ -21,7 +21,7 @@ from twisted.protocols import amp
 from relayhub import control
 from relayhub.admission import ConnectionCounter
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
-from relayhub.process import commands, listeners
+from relayhub.process import commands, listeners, sockets
 from relayhub.process.supervisor import ChildSpec, SupervisedChild
 
 _LOG = Logger(namespace="relayhub.master")
@@ -61,8 +61,7 @@ class MasterService(Service):
         self.settings = settings
         self.reactor = reactor
         self.admission = ConnectionCounter(settings.smtp)
-        self.ports: list[Any] = []
-        self.bound: list[listeners.ListenerSpec] = []
+        self.bound: list[sockets.BoundListener] = []
         self.workers: list[SupervisedChild] = []
         self.queue_manager: SupervisedChild | None = None
         self._generation = 0
@@ -88,12 +87,8 @@ class MasterService(Service):
         if self._uid is not None and self._gid is not None:
             os.chown(state_dir, self._uid, self._gid)
         for spec in listeners.listener_specs(self.settings):
-            bound = defer.Deferred.fromCoroutine(listeners.bind(self.reactor, spec))
-            # TCP, UNIX and systemd endpoints bind synchronously; a failure (port in use)
-            # must stop start-up here, loudly.
-            port = _result_now(bound)
-            self.ports.append(port)
-            self.bound.append(spec)
+            # A failure (port in use, no permission) stops start-up here, loudly.
+            self.bound.append(sockets.bind(self.reactor, spec, self.settings.server.workers))
             _LOG.info("{service} listening on {endpoint}", service=spec.service,
                       endpoint=spec.description)
 
@@ -128,19 +123,18 @@ class MasterService(Service):
     def _start_workers(self, settings: Settings) -> None:
         self._generation += 1
         generation = self._generation
-        fds = [listeners.port_socket(port).fileno() for port in self.ports]
-        adopted = listeners.encode([
-            listeners.AdoptedListener(spec, listeners.FIRST_LISTENER_FD + i,
-                                      listeners.port_socket(port).family)
-            for i, (spec, port) in enumerate(zip(self.bound, self.ports, strict=True))])
-        self.workers = [
-            self._spawn(ChildSpec(
+        self.workers = []
+        for number in range(1, settings.server.workers + 1):
+            slot = [bound.socket_for(number - 1) for bound in self.bound]
+            adopted = listeners.encode([
+                listeners.AdoptedListener(bound.spec, listeners.FIRST_LISTENER_FD + i,
+                                          sock.family)
+                for i, (bound, sock) in enumerate(zip(self.bound, slot, strict=True))])
+            self.workers.append(self._spawn(ChildSpec(
                 role="worker", name=f"worker-{number}.{generation}",
-                module="relayhub.process.worker", listener_fds=fds,
+                module="relayhub.process.worker", listener_fds=[s.fileno() for s in slot],
                 environment={"RELAYHUB_LISTENERS": adopted, "RELAYHUB_WORKER": str(number)},
-            ))
-            for number in range(1, settings.server.workers + 1)
-        ]
+            )))
 
     def _start_queue_manager(self) -> None:
         if self.running:
@@ -189,7 +183,7 @@ class MasterService(Service):
             for problem in error.problems:
                 _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
             return defer.succeed(list(error.problems))
-        if listeners.listener_specs(settings) != self.bound:
+        if listeners.listener_specs(settings) != [bound.spec for bound in self.bound]:
             _LOG.warn("listener changes take effect at the next restart; other changes now")
         self.config, self.settings = config, settings
         self.admission.limits = settings.smtp
@@ -220,17 +214,9 @@ class MasterService(Service):
         stopping.addBoth(lambda _: deadline.cancel() if deadline.active() else None)
         if self._control_port is not None:
             stopping.addBoth(lambda _: self._control_port.stopListening())
-        stopping.addBoth(lambda _: listeners.close_all(self.ports))
+        stopping.addBoth(lambda _: self._close_listeners())
         return stopping.addBoth(lambda _: None)
 
-
-def _result_now(pending: defer.Deferred[Any]) -> Any:
-    results: list[Any] = []
-    pending.addBoth(results.append)
-    if not results:
-        raise RuntimeError("listening did not complete synchronously")
-    outcome = results[0]
-    if hasattr(outcome, "raiseException"):
-        outcome.raiseException()
-    return outcome
-
+    def _close_listeners(self) -> None:
+        for bound in self.bound:
+            bound.close()
