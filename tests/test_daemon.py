@@ -11,6 +11,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -219,3 +220,29 @@ def test_started_as_root_children_run_as_the_service_user_on_a_low_port() -> Non
             hub.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_relayhubctl_reload_refuses_a_broken_configuration_and_keeps_running(
+        tmp_path: Path) -> None:
+    hub = Hub(tmp_path, {"server": {"workers": 1}}).start()
+    ctl = [str(Path(sys.executable).with_name("relayhubctl")), "-c", str(hub.config_path)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        good = hub.config_path.read_text()
+        hub.config_path.write_text(good.replace("[smtp]\n", "[smtp]\nmax_recipients = -1\n"))
+        refused = subprocess.run([*ctl, "reload"], capture_output=True, text=True, env=env,
+                                 timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert "smtp.max_recipients" in refused.stderr
+        # SIGHUP with the same file: the master refuses it and the old configuration runs on.
+        assert hub.process is not None
+        hub.process.send_signal(signal.SIGHUP)
+        hub.wait_for_log("reload refused, configuration kept", "smtp.max_recipients")
+        assert deliver_one(hub.smtp_port, "still served")
+        hub.config_path.write_text(good)
+        done = subprocess.run([*ctl, "reload"], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "reloaded", done.stderr
+        hub.wait_for_log("worker-1.2[")
+    finally:
+        hub.stop()
