@@ -605,9 +605,10 @@ def test_route_explains_the_next_hop(world: World) -> None:
     assert "next hop:  sink.example" in text and "MX    10 mx.sink.example" in text
     assert f"try:   mx.sink.example[127.0.0.14]:{world.port}" in text
 
-    alias = route("postmaster@localhost")
-    if alias["aliases"] is None:
-        pytest.skip("alias expansion is not wired into relayhubctl route yet "
-                    "(relayhub/admin/route_cmd.py: ALIASES)")
-    # Once wired: an alias names its members, each with its own next hop.
-    assert alias["aliases"] and alias["routes"]
+    # An alias (the default [aliases].file is in the state directory) names its members,
+    # each with its own next hop: the same expansion RCPT runs.
+    (world.hub.state_dir / "aliases").write_text("staff: postmaster, dave@sink.example\n")
+    alias = route("staff@localhost", "--client", "127.0.0.1")
+    assert alias["aliases"] == ["postmaster@localhost", "dave@sink.example"]
+    assert [r["next_hop"]["type"] for r in alias["routes"]] == ["local", "mx"]
+    assert route("postmaster@localhost")["aliases"] == []  # not an alias here

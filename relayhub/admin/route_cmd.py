@@ -9,15 +9,17 @@ from types import MappingProxyType
 from typing import Any
 
 from relayhub.address import Mailbox, parse_forward_path
+from relayhub.admin.aliases_cmd import load_names
 from relayhub.admin.cli import EXIT_OK, EXIT_USAGE, Commands, add_command
 from relayhub.admin.queue_cmd import command, print_json, printable, say_error
+from relayhub.aliases import AliasFileError, LocalNames
 from relayhub.config import Settings
 from relayhub.dns import DNSError, MXResolver
 from relayhub.errors import RecipientRefused, SMTPReply
 from relayhub.masquerade import masquerade_address
-from relayhub.policy import AcceptancePolicy, ClientContext, CombinedDirectory, LocalDirectory
+from relayhub.policy import AcceptancePolicy, ClientContext
 from relayhub.routing import LocalRoute, Router, SmtpRoute
-from relayhub.users import UserDatabase
+from relayhub.users import UserDatabase, UsersFileError
 
 # What each [delivery].tls mode means for a session (relayhub.smtp.client.TLSPolicy).
 TLS_MEANING = MappingProxyType({
@@ -34,22 +36,12 @@ DOMAIN_CLASS_MEANING = MappingProxyType({
 })
 
 
-def local_directory(settings: Settings) -> LocalDirectory:
-    """The local names the RCPT check knows, as the daemon builds them (relayhub.tap)."""
-    users = UserDatabase(settings.users.file)
-    # ALIASES (lead): add the aliases table, as the daemon's policy has it, so that an
-    # alias is "known" here too: CombinedDirectory(aliases_names, users).
-    return CombinedDirectory(users)
-
-
-def expand_aliases(settings: Settings, address: str) -> list[str] | None:
-    """The final recipients `address` expands to through [aliases].file ([] when it is no
-    alias), or None while alias expansion is not wired in here.
-
-    ALIASES (lead): call relayhub.aliases' expansion (the same one the SMTP server runs at
-    RCPT) and return the member addresses; `route` then explains each of them.
-    """
-    return None
+def names_and_policy(settings: Settings) -> tuple[LocalNames, AcceptancePolicy]:
+    """Users, aliases and the RCPT policy exactly as the daemon builds them."""
+    try:
+        return load_names(settings)
+    except (AliasFileError, UsersFileError) as error:
+        raise ValueError("; ".join(error.problems)) from None
 
 
 def _client(policy: AcceptancePolicy, ip: str | None) -> ClientContext:
@@ -109,8 +101,7 @@ async def explain(reactor: Any, settings: Settings, address: str, client_ip: str
     except SMTPReply as problem:
         raise ValueError(f"{address!r}: {problem.text}") from None
     domains = settings.domains
-    policy = AcceptancePolicy(domains.local, domains.relay, domains.trusted_networks,
-                              local_directory(settings))
+    names, policy = names_and_policy(settings)
     client = _client(policy, client_ip)
     mailbox: Mailbox | None
     try:
@@ -122,7 +113,11 @@ async def explain(reactor: Any, settings: Settings, address: str, client_ip: str
     if mailbox is None:  # <Postmaster> refused: nothing more to explain
         raise ValueError(f"{address!r}: no mailbox (and no local domain for <Postmaster>)")
     normalized = str(mailbox)
-    members = expand_aliases(settings, normalized)
+    try:
+        expansion = names.expand(mailbox)  # what RCPT would queue: the same code
+    except SMTPReply as refused:
+        raise ValueError(f"{address!r}: {refused.text}") from None
+    members = [member.address for member in expansion.members] if expansion.alias else []
     router = Router(domains, settings.routing)
     users = UserDatabase(settings.users.file)
     targets = members if members else [normalized]
