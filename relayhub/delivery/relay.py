@@ -90,7 +90,9 @@ class RelayCourier:
             return
         source = _Outbound(work, self._outbound)
         end: SessionEnd | None = None
+        relay = "none"
         for target in targets:
+            relay = str(target)  # host[address]:port, as the log and history show it
             end = await run_session(
                 self.reactor, host=target.host, address=target.address, port=target.port,
                 source=source, helo_name=self.helo_name, tls=self.tls, timeouts=self.timeouts,
@@ -100,7 +102,7 @@ class RelayCourier:
         # No address took a session: what waits for this hop waits longer, for that reason.
         status, text, _ = (end.failure if end and end.failure
                            else ("4.4.4", f"no usable address for {hop}", False))
-        await _drain(work, lambda r: AttemptResult.deferred(r.address, status, text))
+        await _drain(work, lambda r: AttemptResult.deferred(r.address, status, text, relay))
 
     def _outbound(self, item: Item) -> OutboundMessage:
         message, recipients = item
