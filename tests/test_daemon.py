@@ -158,14 +158,14 @@ def test_sigterm_exits_0_and_queued_mail_goes_after_restart(tmp_path: Path) -> N
     assert time.monotonic() - started < 3 + 10
     hub.process = None
     # A sink comes up and the hub starts again: the queued message goes out.
-    received: list[bytes] = []
     sink = subprocess.Popen(["smtp-sink", "-u", "root", "-d", str(tmp_path / "sink-%M."),
                              f"127.0.0.1:{sink_port}", "10"], cwd=tmp_path)
     try:
         hub.start()
         hub.wait_for_log(f"{queue_id}: to=<rcpt@sink.example>, relay=127.0.0.1", timeout=20)
-        received = [p.read_bytes() for p in tmp_path.glob("sink-*")]
-        assert any(queue_id.encode() in data for data in received)
+        # smtp-sink may write its dump file just after answering: wait for it.
+        wait_until(lambda: any(queue_id.encode() in p.read_bytes()
+                               for p in tmp_path.glob("sink-*")), 10, "the sink's dump file")
     finally:
         hub.stop()
         sink.terminate()
