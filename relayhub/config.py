@@ -615,6 +615,19 @@ def _unknown(kind: str, name: str, known: list[str]) -> str:
     return f"unknown {kind}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
+def _key_pair_problems(certificate: Path, private_key: Path | None) -> list[tuple[str, str]]:
+    """A certificate without a usable, matching key stops start-up and reload here, rather
+    than in a worker that would then serve without TLS."""
+    # Imported here: relayhub.tls imports this module for the settings it reads.
+    from relayhub.tls import TLSSetupError, load_key_pair
+
+    try:
+        load_key_pair(certificate, private_key)
+    except TLSSetupError as error:
+        return [(error.key, error.why)]
+    return []
+
+
 def _cross_checks(values: _Values) -> list[tuple[str, str]]:
     """Problems that involve more than one key, as (key, why); skips keys that failed."""
     smtp, pop3, tls, domains = values["smtp"], values["pop3"], values["tls"], values["domains"]
@@ -634,6 +647,8 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
         problems.append(("queue.dsn", 'must be set when queue.backend is "postgresql"'))
     if tls.get("private_key") and "certificate" in tls and tls["certificate"] is None:
         problems.append(("tls.private_key", "is set but tls.certificate is not"))
+    if tls.get("certificate") and "private_key" in tls:
+        problems += _key_pair_problems(tls["certificate"], tls["private_key"])
     if tls.get("certificate", True) is None:
         # Implicit TLS on a plain socket needs our certificate; "ssl:" endpoints carry their own.
         problems += [

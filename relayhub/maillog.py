@@ -28,7 +28,7 @@ LISTENING = "{service} listening on {endpoint}"
 
 # Queue manager and couriers.
 DELIVERY = (
-    "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, dsn={status}, "
+    "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, tls={tls}, dsn={status}, "
     "status={verb} ({text})"
 )
 REMOVED = "{queue_id}: removed"
@@ -42,3 +42,10 @@ ALIASES_LOADED = "aliases: loaded {path}: {aliases} aliases, {includes} include 
 ALIASES_BROKEN = "aliases: {path} not loaded, {state}: {problem}"
 ALIASES_FAILED = "aliases: cannot check {path}"
 LOOKUP = "{command} {query} from {client}: {reply}"
+
+# STARTTLS and AUTH in the SMTP server (TLS details as Postfix logs them).
+TLS_ESTABLISHED = "TLS connection established from {client}: {tls}"
+STARTTLS_PIPELINED = "{client}: discarded {size} bytes sent after STARTTLS before the handshake"
+AUTH_OK = "{client}: sasl_method={method}, sasl_username={user}"
+AUTH_FAILED = "warning: {client}: SASL {method} authentication failed: user=<{user}>"
+QUEUED_AUTHENTICATED = QUEUED + ", sasl_method={method}, sasl_username={user}"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_tls import PemCA
 
 from relayhub import config
 from relayhub.admin.cli import run
@@ -321,14 +322,16 @@ def test_pop3_loopback_rule_is_separate() -> None:
 
 
 def test_tls_files(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_text("x")
-    key.write_text("x")
+    issued_cert, issued_key = PemCA().write_server(tmp_path, "hub.test")
+    cert, key = issued_cert.rename(tmp_path / "cert.pem"), issued_key.rename(tmp_path / "key.pem")
     settings = parse_settings({"tls": {"certificate": "cert.pem", "private_key": str(key)},
                                "smtp": {"smtps": ["tcp:465"]}}, "f")
     assert settings.tls.enabled
     assert (settings.tls.certificate, settings.tls.private_key) == (cert, key)
-    assert parse_settings({"tls": {"certificate": str(cert)}}, "f").tls.private_key is None
+    # Without private_key the certificate file holds the key too.
+    both = tmp_path / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    assert parse_settings({"tls": {"certificate": str(both)}}, "f").tls.private_key is None
 
 
 # --------------------------------------------------------------------------- problems

@@ -163,6 +163,8 @@ def test_sigterm_exits_0_and_queued_mail_goes_after_restart(tmp_path: Path) -> N
     try:
         hub.start()
         hub.wait_for_log(f"{queue_id}: to=<rcpt@sink.example>, relay=127.0.0.1", timeout=20)
+        wait_until(lambda: re.search(rf"{queue_id}: to=<rcpt@sink.example>, .*status=sent",
+                                     hub.log()), 20, "the delivery after the restart")
         # smtp-sink may write its dump file just after answering: wait for it.
         wait_until(lambda: any(queue_id.encode() in p.read_bytes()
                                for p in tmp_path.glob("sink-*")), 10, "the sink's dump file")

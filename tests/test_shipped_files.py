@@ -3,43 +3,24 @@ users files, and the systemd units (systemd-analyze verify)."""
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hubprocess import REPO
+from test_tls import PemCA
 
 from relayhub.aliases import load_aliases
 from relayhub.config import settings_from_text
 from relayhub.users import UserDatabase
 
 
-def self_signed(name: str) -> tuple[bytes, bytes]:
-    """A certificate and key in PEM, as an administrator's files would hold them."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
-
-
 def test_production_configuration_is_valid_with_real_certificate_files(tmp_path: Path) -> None:
-    cert, key = self_signed("mail.example.org")
-    (tmp_path / "fullchain.pem").write_bytes(cert)
-    (tmp_path / "privkey.pem").write_bytes(key)
+    cert, key = PemCA().write_server(tmp_path, "mail.example.org")
+    cert.rename(tmp_path / "fullchain.pem")
+    key.rename(tmp_path / "privkey.pem")
     text = (REPO / "etc" / "relayhub.toml").read_text()
     text = text.replace("/etc/relayhub/tls/", f"{tmp_path}/")
     settings = settings_from_text("etc/relayhub.toml", text)

@@ -396,5 +396,5 @@ class QueueManager(Service):
         _LOG.info(
             maillog.DELIVERY, queue_id=message.queue_id, recipient=recipient.address,
             relay=result.relay, delay=f"{now - message.arrival:.1f}", status=result.status,
-            verb=verb, text=result.text, tls=result.tls or "",
+            verb=verb, text=result.text, tls=result.tls or "none",
         )

@@ -1,5 +1,6 @@
-"""POP3 authentication: APOP timestamps and digests (RFC 1939 §7), SASL PLAIN responses
-(RFC 4616, 5034), and credential checks run off the reactor thread."""
+"""POP3 authentication: APOP timestamps and digests (RFC 1939 §7), SASL PLAIN and LOGIN
+responses (RFC 4616, 5034; SMTP AUTH uses them too), and credential checks run off the
+reactor thread."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from relayhub.users import PLAIN_PREFIX, User, UserDatabase, check_password, rel
 
 class BadCredentials(ValueError):
     """A SASL response that does not decode to credentials we can check."""
+
+
+class MalformedResponse(BadCredentials):
+    """A SASL response that is not base64 of UTF-8 text at all (SMTP answers it with 501,
+    RFC 4954 §4, rather than as a failed login)."""
 
 
 def make_timestamp(hostname: str, now: float, pid: int, token: str) -> str:
@@ -39,15 +45,24 @@ def decode_sasl_plain(response: str) -> tuple[str, str]:
     """(user name, password) from a base64 PLAIN response `[authzid] NUL authcid NUL passwd`.
 
     An authorization identity other than the user's own is refused: there are no proxy
-    rights here. Raises BadCredentials."""
+    rights here. Raises BadCredentials (MalformedResponse when it is not even base64 text)."""
+    text = decode_sasl_text(response)
     try:
-        decoded = binascii.a2b_base64(response.encode("ascii"), strict_mode=True)
-        authzid, authcid, password = decoded.decode("utf-8").split("\0")
-    except (ValueError, UnicodeError) as exc:  # binascii.Error is a ValueError
+        authzid, authcid, password = text.split("\0")
+    except ValueError as exc:
         raise BadCredentials("malformed PLAIN response") from exc
     if not authcid or (authzid and authzid != authcid):
         raise BadCredentials("bad identity in PLAIN response")
     return authcid, password
+
+
+def decode_sasl_text(response: str) -> str:
+    """The UTF-8 text in one base64 SASL response (a LOGIN user name or password, a PLAIN
+    message); "" for an empty response. Raises MalformedResponse."""
+    try:
+        return binascii.a2b_base64(response.encode("ascii"), strict_mode=True).decode("utf-8")
+    except (ValueError, UnicodeError) as exc:  # binascii.Error is a ValueError
+        raise MalformedResponse("malformed SASL response") from exc
 
 
 class Authenticator:

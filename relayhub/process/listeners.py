@@ -11,11 +11,16 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relayhub.config import Settings
+from relayhub.tls import endpoint_tls_options
 
 # The first listening socket's descriptor in a worker: 0-2 are stdio, 3 is the AMP channel.
 FIRST_LISTENER_FD = 4
+# Services whose clients speak TLS from the first byte (RFC 8314), on [tls]'s certificate
+# unless their endpoint is "ssl:" with its own.
+IMPLICIT_TLS_SERVICES = frozenset({"smtps", "pop3s"})
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,28 @@ def encode(listeners: list[AdoptedListener]) -> str:
 def decode(text: str) -> list[AdoptedListener]:
     return [AdoptedListener(ListenerSpec(item["service"], item["description"]), item["fd"],
                             item["family"]) for item in json.loads(text)]
+
+
+def implicit_tls_options(spec: ListenerSpec, server_options: Any) -> Any:
+    """The TLS options wrapping `spec`'s connections from their first byte, or None for a
+    plaintext listener (where STARTTLS/STLS may follow). An "ssl:" endpoint brings its own
+    certificate; smtps and pop3s listeners otherwise use `server_options` ([tls]), and
+    cannot be served when that is None. Raises relayhub.tls.TLSSetupError.
+
+    The master binds an "ssl:" endpoint like any other, but a worker adopts only the bare
+    socket: without this its clients would be served in plaintext."""
+    own = endpoint_tls_options(spec.description)
+    if own is not None:
+        return own
+    return server_options if spec.service in IMPLICIT_TLS_SERVICES else None
+
+
+def with_tls(factory: Factory[Any], options: Any) -> TLSMemoryBIOFactory:
+    """`factory`'s protocols behind a TLS server layer (their transport is then an
+    ISSLTransport, so sessions know TLS is active and offer no STARTTLS/STLS)."""
+    wrapped = TLSMemoryBIOFactory(options, False, factory)
+    wrapped.noisy = False
+    return wrapped
 
 
 def adopt(reactor: Any, listener: AdoptedListener, factory: Factory) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from relayhub.config import Settings
@@ -17,6 +18,7 @@ from relayhub.pop3.service import pop3_factory
 from relayhub.process import child, commands, listeners
 from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.smtp.service import SMTPService
+from relayhub.tls import TLSSetupError, server_tls_options
 
 _LOG = Logger(namespace="relayhub.worker")
 
@@ -51,13 +53,24 @@ class WorkerProcess(MultiService):
         self.smtp: SMTPService | None = None
         self.pop3: dict[str, POP3Factory] = {}
         self.ports: list[Any] = []
+        self.tls_options: Any = None
 
     def startService(self) -> None:
         channel = child.connect_master(self.reactor)
         admission = MasterAdmission(channel)
+        # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
+        # a new generation of workers, which so serve renewed certificates.
+        try:
+            self.tls_options = server_tls_options(self.settings)
+        except TLSSetupError as error:
+            # The master checked the files moments ago, so they changed since; serving
+            # without STARTTLS (and so without AUTH, unless plaintext is allowed) is safe.
+            _LOG.error("TLS is off: {source}: {problem}", source=self.settings.source,
+                       problem=str(error))
         self.smtp = SMTPService(
             self.settings, self.store, self.directory, self.reactor, admission=admission,
-            on_queued=lambda queue_id: channel.callRemote(commands.NewMail, queue_id=queue_id))
+            on_queued=lambda queue_id: channel.callRemote(commands.NewMail, queue_id=queue_id),
+            tls_options=self.tls_options)
 
         def pop3_session(address: str, opened: bool) -> None:
             # Counted by the master for `status`; POP3 has no cross-worker limit of its own.
@@ -66,23 +79,40 @@ class WorkerProcess(MultiService):
             else:
                 admission.release("pop3", address)
 
-        self.pop3 = {"pop3": pop3_factory(self.settings, self.directory.users, self.reactor,
-                                          on_session=pop3_session)}
+        self.pop3 = {
+            service: pop3_factory(self.settings, self.directory.users, self.reactor,
+                                  tls_context_factory=self.tls_options,
+                                  implicit_tls=service == "pop3s", on_session=pop3_session)
+            for service in ("pop3", "pop3s")
+        }
         super().startService()
         # Accept only once the store is open: a session must never find it missing.
         self.store.open().addCallbacks(self._adopt, self._cannot_open)
 
     def _adopt(self, _: object) -> None:
-        assert self.smtp is not None
         for listener in self.listeners:
-            service = listener.spec.service
-            factory = self.smtp.factory_for(service) or self.pop3.get(service)
-            if factory is None:
-                _LOG.error("{service} on {endpoint} is not served (needs [tls])",
-                           service=service, endpoint=listener.spec.description)
-            else:
+            factory = self._factory(listener.spec)
+            if factory is not None:
                 self.ports.append(listeners.adopt(self.reactor, listener, factory))
             os.close(listener.fd)
+
+    def _factory(self, spec: listeners.ListenerSpec) -> Factory[Any] | None:
+        """What serves `spec`, behind TLS for implicit-TLS listeners; None (logged) when it
+        cannot be served."""
+        assert self.smtp is not None
+        plain: Factory[Any] | None = self.smtp.factory_for(spec.service) or self.pop3.get(
+            spec.service)
+        try:
+            options = listeners.implicit_tls_options(spec, self.tls_options)
+        except TLSSetupError as error:
+            _LOG.error("{service} on {endpoint} is not served: {problem}",
+                       service=spec.service, endpoint=spec.description, problem=str(error))
+            return None
+        if plain is None or (options is None and spec.service in listeners.IMPLICIT_TLS_SERVICES):
+            _LOG.error("{service} on {endpoint} is not served (needs [tls])",
+                       service=spec.service, endpoint=spec.description)
+            return None
+        return plain if options is None else listeners.with_tls(plain, options)
 
     def _cannot_open(self, failure: Any) -> None:
         _LOG.failure("cannot open the queue store", failure)

@@ -9,7 +9,10 @@ under pipelining, falls back to command mode inside DATA, and lacks the extensio
 - DATA goes through `DataReader`, which alone decides where the data ends;
 - every refusal is an `SMTPReply` raised by policy or parsing code, answered here;
 - RCPT expands aliases into the final recipients that are queued (why there and not at
-  delivery: relayhub.aliases), and VRFY/EXPN answers come from relayhub.aliases too.
+  delivery: relayhub.aliases), and VRFY/EXPN answers come from relayhub.aliases too;
+- STARTTLS (RFC 3207) drops whatever the client sent after it and forgets the session, and
+  AUTH (RFC 4954) runs `SaslExchange`, a pure PLAIN/LOGIN state machine, against the users
+  file; failures are answered after a delay that never blocks other sessions.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IAddress
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IAddress, IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayhub import maillog
 from relayhub.address import Mailbox
@@ -33,10 +37,18 @@ from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
 from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.policy import AcceptancePolicy, ClientContext
+from relayhub.pop3.auth import (
+    BadCredentials,
+    MalformedResponse,
+    decode_sasl_plain,
+    decode_sasl_text,
+)
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
 from relayhub.smtp.data import DataReader
 from relayhub.smtp.headers import HeaderPrefix, received_header
 from relayhub.smtp.params import parse_mail, parse_rcpt
+from relayhub.tls import SessionInfo, session_info
+from relayhub.users import User, UserDatabase, check_password
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND_LINE = 512
@@ -44,6 +56,12 @@ MAX_COMMAND_LINE = 512
 MAX_HOPS = 50
 # After this many 5xx replies the client is not talking SMTP in good faith.
 MAX_ERRORS = 10
+# RFC 4954 §4: an AUTH command line, and each SASL response, may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
+# LOGIN besides PLAIN: some clients (Outlook, older phones) know no other mechanism.
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+# The LOGIN mechanism's challenges: base64 of "Username:" and "Password:".
+_LOGIN_PROMPTS = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")
 
 _LOG = maillog.SMTPD
 # What a client typed is logged, but never a control character that could forge a log line.
@@ -56,7 +74,8 @@ class ServerConfig:
 
     hostname: str
     smtp: SmtpSettings
-    submission: bool = False
+    submission: bool = False  # relaying needs AUTH, even from trusted networks
+    auth_failure_delay: float = 1.0  # before each 535: guessing passwords costs time
 
 
 class _Mode(enum.Enum):
@@ -84,6 +103,99 @@ Reply = tuple[int, str, str] | list[str]  # (code, status, text), or ready-made 
 Outcome = Reply | defer.Deferred[Reply] | None
 
 
+# --------------------------------------------------------------------------- AUTH (pure)
+
+
+class AuthCancelled(SMTPReply):
+    """The client answered a challenge with "*" (RFC 4954 §4)."""
+
+    def __init__(self) -> None:
+        super().__init__(501, "5.7.0", "Authentication cancelled")
+
+
+class AuthMalformed(SMTPReply):
+    """A SASL response that is not base64 text (RFC 4954 §4)."""
+
+    def __init__(self) -> None:
+        super().__init__(501, "5.5.2", "Cannot decode response")
+
+
+class AuthFailed(SMTPReply):
+    """Credentials that do not name a user with that password, or cannot (RFC 4954 §6)."""
+
+    def __init__(self) -> None:
+        super().__init__(535, "5.7.8", "Error: authentication failed")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What an exchange ends with; the password is checked by the caller, off the reactor."""
+
+    name: str
+    password: str = field(repr=False)  # never in logs or tracebacks
+
+
+class SaslExchange:
+    """One AUTH exchange for PLAIN (RFC 4616) or LOGIN: each `step` takes the client's next
+    response and gives the next base64 challenge or the credentials to check. No I/O."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism
+        self._name: str | None = None  # LOGIN: the user name, once given
+
+    @classmethod
+    def start(cls, arg: str) -> tuple[SaslExchange, str | None]:
+        """The exchange an AUTH argument asks for, and its initial response ("=": empty,
+        None: none given). Raises SMTPReply."""
+        words = arg.split(" ")
+        if not arg or len(words) > 2:
+            raise SyntaxErrorReply("Syntax: AUTH mechanism [initial-response]")
+        mechanism = words[0].upper()
+        if mechanism not in AUTH_MECHANISMS:
+            raise SMTPReply(504, "5.5.4", "Unrecognized authentication type")
+        initial = None if len(words) == 1 else "" if words[1] == "=" else words[1]
+        return cls(mechanism), initial
+
+    def step(self, response: str | None) -> str | Credentials:
+        """`response`: the client's line (None: AUTH came without an initial response).
+        Raises AuthCancelled, AuthMalformed, or AuthFailed for an unusable PLAIN identity."""
+        if response is None:
+            return "" if self.mechanism == "PLAIN" else _LOGIN_PROMPTS[0]
+        if response == "*":
+            raise AuthCancelled()
+        try:
+            if self.mechanism == "PLAIN":
+                return Credentials(*decode_sasl_plain(response))
+            text = decode_sasl_text(response)
+        except MalformedResponse:
+            raise AuthMalformed() from None
+        except BadCredentials:  # e.g. acting for another user: no proxy rights here
+            raise AuthFailed() from None
+        if self._name is None:
+            self._name = text
+            return _LOGIN_PROMPTS[1]
+        return Credentials(self._name, text)
+
+
+def trace_comments(tls: SessionInfo | None, auth_user: str | None) -> list[str]:
+    """The comments our Received: field carries about the session (as Postfix writes them)."""
+    comments = [f"({tls.comment})"] if tls is not None else []
+    if auth_user is not None:
+        comments.append(f"(Authenticated sender: {auth_user})")
+    return comments
+
+
+def with_comments(header: bytes, comments: list[str]) -> bytes:
+    """Our Received: field with `comments` as folded lines after its "from" clause, where
+    RFC 5321 §4.4 puts information about the connection."""
+    first, crlf, rest = header.partition(b"\r\n")
+    return first + crlf + b"".join(b"\t" + c.encode() + b"\r\n" for c in comments) + rest
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol, TimeoutMixin):
     """One SMTP session."""
 
@@ -113,6 +225,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.client_address = ""
         self.client_name = "unknown"
         self.client: ClientContext | None = None
+        self._tls_active = False  # STARTTLS answered, or TLS from the first byte (smtps)
+        self._tls: SessionInfo | None = None  # once the handshake is done
+        self._sasl: SaslExchange | None = None  # an AUTH exchange waiting for a response
+        self._auth: tuple[str, str] | None = None  # (user name, mechanism) after AUTH
 
     # -- connection ------------------------------------------------------------------
 
@@ -128,6 +244,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer: IAddress = self._transport.getPeer()
         self.client_address = getattr(peer, "host", "") or "unix"
+        self._tls_active = ISSLTransport.providedBy(self.transport)
         trusted = self.policy.is_trusted(self.client_address)
         self.client = ClientContext(
             address=self.client_address,
@@ -184,8 +301,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         counts = " ".join(f"{verb.lower()}={n}" for verb, n in self._counts.items())
         _LOG.info(maillog.DISCONNECT, client=self._client_label, counts=counts)
 
+    def handshakeCompleted(self) -> None:
+        self._tls = session_info(self.transport)
+        _LOG.info(maillog.TLS_ESTABLISHED, client=self._client_label,
+                  tls=self._tls.comment if self._tls else "?")
+
     def timeoutConnection(self) -> None:
         _LOG.info(maillog.TIMEOUT, stage=self._stage, client=self._client_label)
+        if self._tls_active and self._tls is None:
+            # Mid-handshake no 421 can be sent, and a TLS close would wait for the peer
+            # that has stopped talking: cut the connection.
+            self._mode = _Mode.CLOSED
+            self._transport.abortConnection()
+            return
         self._send([f"421 4.4.2 {self.config.hostname} Error: timeout exceeded"])
         self._close()
 
@@ -218,11 +346,17 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._buffer += leftover
             self._end_of_data()
 
+    def _line_limit(self) -> int:
+        if self._sasl is not None or bytes(self._buffer[:5]).upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
+
     def _process_commands(self) -> None:
         while self._mode is _Mode.COMMAND and not self._pending:
             newline = self._buffer.find(b"\n")
+            limit = self._line_limit()
             if newline < 0:
-                if len(self._buffer) > MAX_COMMAND_LINE:
+                if len(self._buffer) > limit:
                     # Do not grow without bound while waiting for the end of a line.
                     del self._buffer[:]
                     if not self._discarding_long_line:
@@ -234,7 +368,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if self._discarding_long_line:
                 self._discarding_long_line = False
                 continue
-            if len(line) + 2 > MAX_COMMAND_LINE:
+            if len(line) + 2 > limit:
+                self._sasl = None  # an over-long response ends the exchange too
                 self._answer((500, "5.5.2", "Error: line too long"))
                 continue
             if self._buffer and not self._esmtp:
@@ -246,6 +381,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._dispatch(line)
 
     def _dispatch(self, raw: bytes) -> None:
+        if self._sasl is not None:
+            # The client's answer to our 334, not a command; non-ASCII fails as bad base64.
+            response = raw.decode("ascii", "replace").strip()
+            self._execute("AUTH", lambda: self._auth_step(response))
+            return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -261,13 +401,17 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self._stage = verb
         self._counts[verb] = self._counts.get(verb, 0) + 1
+        self._execute(verb, lambda: handler(arg.strip()))
+
+    def _execute(self, verb: str, call: Callable[[], Outcome]) -> None:
         try:
-            result = handler(arg.strip())
+            result = call()
         except SMTPReply as refusal:
             self._answer((refusal.code, refusal.status, refusal.text))
             return
         except Exception:
-            # A bug must cost one reply, never the worker.
+            # A bug must cost one reply, never the worker (nor leave an AUTH exchange open).
+            self._sasl = None
             _LOG.failure(maillog.INTERNAL_ERROR, command=verb, client=self._client_label)
             self._answer((451, "4.3.0", "Error: internal error"))
             return
@@ -328,14 +472,29 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             maillog.REJECT, stage=stage, client=self._client_label,
             reply=f"{refusal.code} {refusal.status} {refusal.text}",
             sender=str(txn.sender or "") if txn else "", recipient=recipient,
-            proto="ESMTP" if self._esmtp else "SMTP", helo=self._helo,
+            proto=self._protocol_keyword, helo=self._helo,
         )
 
     # -- commands --------------------------------------------------------------------
 
+    @property
+    def _starttls_offered(self) -> bool:
+        return self.factory.tls_options is not None and not self._tls_active
+
+    @property
+    def _auth_offered(self) -> bool:
+        # SPEC §3: no password crosses the network in clear unless the administrator says so.
+        return self.factory.users is not None and (
+            self._tls_active or self.config.smtp.allow_plaintext_auth)
+
     def _ehlo_keywords(self) -> list[str]:
-        return ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME", "SMTPUTF8",
-                "ENHANCEDSTATUSCODES", "DSN", "HELP"]
+        keywords = ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME",
+                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        if self._starttls_offered:
+            keywords.append("STARTTLS")
+        if self._auth_offered:
+            keywords.append("AUTH " + " ".join(AUTH_MECHANISMS))
+        return [*keywords, "HELP"]
 
     def smtp_EHLO(self, arg: str) -> Reply:
         if not arg:
@@ -355,6 +514,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return (503, "5.5.1", "Error: send HELO/EHLO first")
         if self._transaction is not None:
             return (503, "5.5.1", "Error: nested MAIL command")
+        # AUTH= (RFC 4954 §5) vouches for nothing here: only our own AUTH authenticates, and
+        # as the hub passes no AUTH= on, every message leaves "as if AUTH=<>" was given.
         command = parse_mail(arg, smtputf8_offered=self._esmtp)
         if command.size is not None and command.size > self.config.smtp.max_message_size:
             return (552, "5.3.4", "Message size exceeds fixed limit")
@@ -416,13 +577,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             max_line_length=self.config.smtp.max_line_length,
             normalize_bare_newlines=self.config.smtp.bare_newline == "normalize",
         )
-        incoming.write(received_header(
+        incoming.write(with_comments(received_header(
             helo=self._helo, client_name=self.client_name, client_address=self.client_address,
             hostname=self.config.hostname, protocol=self._protocol_keyword,
             # The addresses given, not the expansion: a list's members stay private.
             queue_id=incoming.queue_id, recipients=txn.accepted,
             now=self.factory.clock.seconds(),
-        ))
+        ), trace_comments(self._tls, self._auth[0] if self._auth else None)))
         self._mode = _Mode.DATA
         self._send(["354 End data with <CR><LF>.<CR><LF>"])
         # Bytes the client already sent after DATA are the start of the body.
@@ -433,7 +594,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     @property
     def _protocol_keyword(self) -> str:
-        return "ESMTP" if self._esmtp else "SMTP"
+        """RFC 3848: ESMTP, plus S for TLS and A for AUTH; HELO sessions are plain SMTP."""
+        if not self._esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self._tls_active else "") + ("A" if self._auth else "")
 
     def _store_body(self, chunk: bytes) -> None:
         assert self._incoming is not None and self._header_prefix is not None
@@ -468,13 +632,20 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             smtputf8=txn.smtputf8, ret=txn.ret, envid=txn.envid,
             client_name=self.client_name, client_address=self.client_address,
             helo=self._helo, protocol=self._protocol_keyword,
+            auth_user=self._auth[0] if self._auth else None,
         )
         size = reader.size
+        auth = self._auth
 
         def queued(_: object) -> Reply:
             self._stage = "END-OF-MESSAGE"  # a disconnect now loses nothing
-            _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
-                      size=size, nrcpt=len(envelope.recipients), client=self._client_label)
+            if auth is None:
+                _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
+                          size=size, nrcpt=len(envelope.recipients), client=self._client_label)
+            else:
+                _LOG.info(maillog.QUEUED_AUTHENTICATED, queue_id=incoming.queue_id,
+                          sender=envelope.sender, size=size, nrcpt=len(envelope.recipients),
+                          client=self._client_label, user=auth[0], method=auth[1])
             self.factory.on_queued(incoming.queue_id)
             return (250, "2.0.0", f"Ok: queued as {incoming.queue_id}")
 
@@ -502,7 +673,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         return (250, "2.0.0", "Ok")
 
     def smtp_HELP(self, arg: str) -> Reply:
-        return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP")
+        return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP"
+                              " STARTTLS AUTH")
 
     def _may_look_up(self, setting: str) -> bool:
         """[smtp].vrfy / .expn: "all", "trusted" (trusted network or authenticated), "off"."""
@@ -548,6 +720,88 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._close()
         return None
 
+    # -- STARTTLS and AUTH -------------------------------------------------------------
+
+    def smtp_STARTTLS(self, arg: str) -> Outcome:
+        if arg:
+            raise SyntaxErrorReply("Syntax: STARTTLS")
+        if self._tls_active:
+            return (503, "5.5.1", "Error: TLS already active")
+        options = self.factory.tls_options
+        if options is None:
+            return (454, "4.7.0", "TLS not available due to temporary reason")
+        self._send(["220 2.0.0 Ready to start TLS"])
+        if self._buffer:
+            # RFC 3207 §5, CVE-2011-0411: what came after STARTTLS was sent in plaintext,
+            # maybe injected by someone in the middle; it must never run inside TLS.
+            _LOG.warn(maillog.STARTTLS_PIPELINED, size=len(self._buffer),
+                      client=self._client_label)
+            del self._buffer[:]
+        # RFC 3207 §4.2: back to the state after the greeting; nothing learnt in plaintext
+        # (EHLO, a transaction, an authentication) carries over.
+        self._helo, self._esmtp, self._transaction, self._sasl, self._auth = (
+            "", False, None, None, None)
+        assert self.client is not None
+        self.client = replace(self.client, authenticated=False)
+        self._transport.startTLS(options)
+        self._tls_active = True
+        return None
+
+    def smtp_AUTH(self, arg: str) -> Outcome:
+        if not self._esmtp:
+            return (503, "5.5.1", "Error: send EHLO first")
+        if not self._auth_offered:
+            if self._starttls_offered:
+                return (538, "5.7.11", "Encryption required for requested authentication "
+                                       "mechanism")
+            return (503, "5.5.1", "Error: authentication not enabled")
+        if self._auth is not None:
+            return (503, "5.5.1", "Error: already authenticated")
+        if self._transaction is not None:
+            return (503, "5.5.1", "Error: MAIL transaction in progress")
+        self._sasl, initial = SaslExchange.start(arg)
+        return self._auth_step(initial)
+
+    def _auth_step(self, response: str | None) -> Outcome:
+        exchange = self._sasl
+        assert exchange is not None
+        try:
+            step = exchange.step(response)
+        except AuthFailed:
+            self._sasl = None
+            return self._auth_failed("", exchange.mechanism)
+        except SMTPReply:
+            self._sasl = None
+            raise
+        if isinstance(step, str):
+            return [f"334 {step}"]
+        self._sasl = None
+        users = self.factory.users
+        assert users is not None  # AUTH is not offered without them
+        checked = check_password(self.factory.clock, users, step.name, step.password)
+        return checked.addCallback(self._authenticated, step.name, exchange.mechanism)
+
+    def _authenticated(self, user: User | None, name: str, mechanism: str
+                       ) -> Reply | defer.Deferred[Reply]:
+        if user is None:
+            return self._auth_failed(name, mechanism)
+        assert self.client is not None
+        self._auth = (user.name, mechanism)
+        self.client = replace(self.client, authenticated=True)
+        _LOG.info(maillog.AUTH_OK, client=self._client_label, method=mechanism, user=user.name)
+        return (235, "2.7.0", "Authentication successful")
+
+    def _auth_failed(self, name: str, mechanism: str) -> defer.Deferred[Reply]:
+        """535 after the delay. The session's input stays paused meanwhile (it is a pending
+        reply); the reactor serves every other session. The 535 counts toward MAX_ERRORS."""
+        _LOG.info(maillog.AUTH_FAILED, client=self._client_label, method=mechanism,
+                  user=_UNPRINTABLE.sub("?", name)[:64])
+        failed = AuthFailed()
+        delayed: defer.Deferred[Reply] = task.deferLater(
+            self.factory.clock, self.config.auth_failure_delay,
+            lambda: (failed.code, failed.status, failed.text))
+        return delayed
+
 
 class SMTPServerFactory(ServerFactory):
     """Builds sessions for one kind of listener (`service`: smtp, submission, smtps); the
@@ -559,9 +813,14 @@ class SMTPServerFactory(ServerFactory):
         self, config: ServerConfig, policy: AcceptancePolicy, store: QueueStore, clock: Any,
         admission: Admission, *, service: str = "smtp",
         on_queued: Callable[[str], None] = lambda queue_id: None,
-        names: LocalNames | None = None,
+        names: LocalNames | None = None, tls_options: Any = None,
+        users: UserDatabase | None = None,
     ) -> None:
         self.config = config
+        # STARTTLS is offered with these (an IOpenSSLServerConnectionCreator, built by
+        # relayhub.tls when the worker starts); AUTH is offered with `users`.
+        self.tls_options = tls_options
+        self.users = users
         self.admission = admission
         self.service = service
         self.sessions: set[SMTPServerProtocol] = set()

@@ -1,30 +1,37 @@
 """The SMTP side of a worker: one factory per kind of SMTP listener, all over the same
-directory, queue store and admission."""
+directory, queue store, admission and TLS options."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from relayhub.admission import Admission
+from relayhub.admission import SMTP_SERVICES, Admission
 from relayhub.config import Settings
 from relayhub.directory import Directory
 from relayhub.queue.store import QueueStore
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory, SMTPServerProtocol
 
+# Listeners for mail submission (RFC 6409, 8314): relaying needs AUTH there, even from a
+# trusted network. smtps is submission with TLS from the first byte (the worker wraps it).
+SUBMISSION_SERVICES = frozenset({"submission", "smtps"})
+
 
 class SMTPService:
+    """`tls_options` (from relayhub.tls, or None) enables STARTTLS on every listener."""
+
     def __init__(self, settings: Settings, store: QueueStore, directory: Directory,
-                 reactor: Any, *, admission: Admission, on_queued: Callable[[str], None]
-                 ) -> None:
+                 reactor: Any, *, admission: Admission, on_queued: Callable[[str], None],
+                 tls_options: Any = None) -> None:
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
-                             submission=service == "submission"),
+                             submission=service in SUBMISSION_SERVICES),
                 directory.policy, store, reactor, admission, service=service,
-                on_queued=on_queued, names=directory.names,
+                on_queued=on_queued, names=directory.names, tls_options=tls_options,
+                users=directory.users,
             )
-            for service in ("smtp", "submission")
+            for service in SMTP_SERVICES
         }
 
     def factory_for(self, service: str) -> SMTPServerFactory | None:
