@@ -286,3 +286,22 @@ def test_recipients_with_their_own_sender_travel_in_their_own_transaction(
     senders = {m.accepted[0]: m.mail_from for m in messages}
     assert senders["direct@sink.example"].startswith(f"MAIL FROM:<{POSTMASTER}>")
     assert senders["member@sink.example"].startswith("MAIL FROM:<owner-list@localhost>")
+
+
+@pytest.mark.hub({"domains": {"masquerade": ["example.com"]}})
+def test_sender_below_a_masquerade_domain_is_rewritten_in_envelope_and_header(
+        world: World) -> None:
+    body = (b"From: Alice Example <alice@host.dept.example.com>\r\n"
+            b"Sender: (the robot) robot@build.example.com\r\nTo: bob@sink.example\r\n"
+            b"Subject: masq\r\n\r\nFrom: a body line that stays alice@host.dept.example.com\r\n")
+    with world.sink("127.0.0.14") as sink:
+        queue_id = world.send(["bob@sink.example"], body,
+                              sender="alice@host.dept.example.com")
+        [message] = sink.wait_messages(1)
+        world.wait_gone(queue_id)
+    assert message.mail_from.startswith("MAIL FROM:<alice@example.com>")
+    assert message.body is not None
+    assert b"\r\nFrom: Alice Example <alice@example.com>\r\n" in message.body
+    assert b"\r\nSender: (the robot) robot@example.com\r\n" in message.body
+    assert b"To: bob@sink.example\r\n" in message.body
+    assert message.body.endswith(b"stays alice@host.dept.example.com\r\n")

@@ -4,6 +4,7 @@ client's header section (hop count, subject) taken from a bounded prefix of the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -24,21 +25,52 @@ class HeaderSummary:
     subject: str
 
 
-class HeaderPrefix:
-    """Keeps the first HEADER_PREFIX_LIMIT bytes of a body to summarise its header."""
+class HeaderStage:
+    """Holds the start of a body until its header section is complete, rewrites that
+    section once (masquerading), then passes everything on to `write`.
 
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._kept = 0
+    The section ends at the first empty line. One that has not ended within
+    HEADER_PREFIX_LIMIT bytes is passed on unchanged: nothing is held without bound.
+    """
+
+    def __init__(self, write: Callable[[bytes], None],
+                 rewrite: Callable[[bytes], bytes] | None = None) -> None:
+        self._write = write
+        self._rewrite = rewrite
+        self._held = bytearray()
+        self._summary: HeaderSummary | None = None  # set once the section has gone on
 
     def feed(self, data: bytes) -> None:
-        if self._kept < HEADER_PREFIX_LIMIT:
-            piece = data[: HEADER_PREFIX_LIMIT - self._kept]
-            self._parts.append(piece)
-            self._kept += len(piece)
+        if self._summary is not None:
+            self._write(data)
+            return
+        self._held += data
+        if self._held.startswith(b"\r\n"):  # no header fields at all
+            self._release(0)
+            return
+        end = self._held.find(b"\r\n\r\n")
+        if 0 <= end and end + 2 <= HEADER_PREFIX_LIMIT:
+            self._release(end + 2)
+        elif end >= 0 or len(self._held) > HEADER_PREFIX_LIMIT:
+            self._release(None)
+
+    def finish(self) -> None:
+        """The data has ended: a message that is all header fields goes on now."""
+        if self._summary is None:
+            self._release(len(self._held))
 
     def summary(self) -> HeaderSummary:
-        return summarize_header(b"".join(self._parts))
+        assert self._summary is not None, "finish() first"
+        return self._summary
+
+    def _release(self, header_end: int | None) -> None:
+        data = bytes(self._held)
+        self._held = bytearray()
+        self._summary = summarize_header(data[:HEADER_PREFIX_LIMIT])
+        if header_end is None or self._rewrite is None:
+            self._write(data)
+        else:
+            self._write(self._rewrite(data[:header_end]) + data[header_end:])
 
 
 def summarize_header(prefix: bytes) -> HeaderSummary:

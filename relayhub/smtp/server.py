@@ -36,6 +36,7 @@ from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
 from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
+from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
 from relayhub.pop3.auth import (
     BadCredentials,
@@ -45,7 +46,7 @@ from relayhub.pop3.auth import (
 )
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
 from relayhub.smtp.data import DataReader
-from relayhub.smtp.headers import HeaderPrefix, received_header
+from relayhub.smtp.headers import HeaderStage, received_header
 from relayhub.smtp.params import parse_mail, parse_rcpt
 from relayhub.tls import SessionInfo, session_info
 from relayhub.users import User, UserDatabase, check_password
@@ -75,6 +76,9 @@ class ServerConfig:
     hostname: str
     smtp: SmtpSettings
     submission: bool = False  # relaying needs AUTH, even from trusted networks
+    # [domains].masquerade: senders at hosts below these domains are rewritten to them,
+    # except on submission and for authenticated senders (SPEC §3: not rewritten there).
+    masquerade: tuple[str, ...] = ()
     auth_failure_delay: float = 1.0  # before each 535: guessing passwords costs time
 
 
@@ -93,6 +97,7 @@ class _Transaction:
     smtputf8: bool
     ret: str | None
     envid: str | None
+    masquerade: bool = False  # rewrite From:/Sender: as the envelope sender was
     recipients: list[RecipientRequest] = field(default_factory=list)  # after alias expansion
     accepted: list[str] = field(default_factory=list)  # the RCPT addresses, as the client gave
     keys: set[str] = field(default_factory=set)  # Member.key of each recipient: each once
@@ -216,7 +221,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._transaction: _Transaction | None = None
         self._incoming: IncomingMessage | None = None
         self._reader: DataReader | None = None
-        self._header_prefix: HeaderPrefix | None = None
+        self._header_stage: HeaderStage | None = None
         self._errors = 0
         self._greeted = False  # our 220 has gone out
         self._admitted = False  # counted in by the admission, so to be released
@@ -519,9 +524,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         command = parse_mail(arg, smtputf8_offered=self._esmtp)
         if command.size is not None and command.size > self.config.smtp.max_message_size:
             return (552, "5.3.4", "Message size exceeds fixed limit")
+        masquerade = (self.config.masquerade and not self.config.submission
+                      and self._auth is None)
+        sender = command.sender
+        if masquerade and sender is not None:
+            domain = masquerade_domain(sender.domain, self.config.masquerade)
+            sender = sender if domain is None else Mailbox(sender.local_part, domain)
         self._transaction = _Transaction(
-            sender=command.sender, body_type=command.body_type, smtputf8=command.smtputf8,
-            ret=command.ret, envid=command.envid,
+            sender=sender, body_type=command.body_type, smtputf8=command.smtputf8,
+            ret=command.ret, envid=command.envid, masquerade=bool(masquerade),
         )
         return (250, "2.1.0", "Ok")
 
@@ -571,7 +582,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                        error=str(failure))
             raise
         self._incoming = incoming
-        self._header_prefix = HeaderPrefix()
+        domains = self.config.masquerade
+        self._header_stage = HeaderStage(
+            incoming.write,
+            (lambda header: masquerade_headers(header, domains)) if txn.masquerade else None)
         self._reader = DataReader(
             self._store_body, max_size=self.config.smtp.max_message_size,
             max_line_length=self.config.smtp.max_line_length,
@@ -600,16 +614,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         return "ESMTP" + ("S" if self._tls_active else "") + ("A" if self._auth else "")
 
     def _store_body(self, chunk: bytes) -> None:
-        assert self._incoming is not None and self._header_prefix is not None
-        self._incoming.write(chunk)
-        self._header_prefix.feed(chunk)
+        assert self._header_stage is not None
+        self._header_stage.feed(chunk)
 
     def _end_of_data(self) -> None:
         txn, incoming, reader = self._transaction, self._incoming, self._reader
         assert txn is not None and incoming is not None and reader is not None
-        assert self._header_prefix is not None
-        summary = self._header_prefix.summary()
-        self._transaction, self._reader, self._header_prefix = None, None, None
+        assert self._header_stage is not None
+        self._header_stage.finish()
+        summary = self._header_stage.summary()
+        self._transaction, self._reader, self._header_stage = None, None, None
         refusal: SMTPReply | None = None
         if reader.defects.bare_newline:
             refusal = SMTPReply(550, "5.5.2", "Error: bare <CR> or <LF> received")

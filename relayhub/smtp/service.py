@@ -26,7 +26,8 @@ class SMTPService:
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
-                             submission=service in SUBMISSION_SERVICES),
+                             submission=service in SUBMISSION_SERVICES,
+                             masquerade=settings.domains.masquerade),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
                 users=directory.users,
