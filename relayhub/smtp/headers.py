@@ -49,7 +49,7 @@ class HeaderStage:
             self._release(0)
             return
         end = self._held.find(b"\r\n\r\n")
-        if 0 <= end and end + 2 <= HEADER_PREFIX_LIMIT:
+        if end >= 0 and end + 2 <= HEADER_PREFIX_LIMIT:
             self._release(end + 2)
         elif end >= 0 or len(self._held) > HEADER_PREFIX_LIMIT:
             self._release(None)
