@@ -248,3 +248,23 @@ def test_relayhubctl_reload_refuses_a_broken_configuration_and_keeps_running(
         hub.wait_for_log("worker-1.2[")
     finally:
         hub.stop()
+
+
+def test_children_exit_when_the_master_is_killed(tmp_path: Path) -> None:
+    hub = Hub(tmp_path, {"server": {"workers": 2}}).start()
+    children = hub.children("worker") + hub.children("qmgr")
+    assert len(children) == 3
+    assert hub.process is not None
+    hub.process.kill()
+    hub.process.wait(timeout=10)
+    hub.process = None
+
+    def alive(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    # Their AMP channel to the master closes; they stop and exit, none lingers as an orphan.
+    wait_until(lambda: not any(alive(pid) for pid in children), 20, "children to exit")

@@ -107,3 +107,7 @@ def run(build: Callable[[Settings, Any], IService]) -> None:
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(service.stopService))
     reactor.run()
+    # The service has stopped (shutdown waits for it): everything durable is done. Leave
+    # now, so that no stray non-daemon thread can keep an orphaned child alive.
+    sys.stdout.flush()
+    os._exit(0)

@@ -215,6 +215,10 @@ class SQLiteQueueStore(QueueStore):
 
     def close(self) -> Deferred[None]:
         if not self._ready:
+            if self._pool.started:
+                # Closed while still opening (the process is stopping early): the worker
+                # thread must go too, or it keeps the process alive after the reactor.
+                self._pool.stop()
             return succeed(None)
         self._ready = False
         if self._shutdown_trigger is not None:
