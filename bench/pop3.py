@@ -340,6 +340,8 @@ service pop3-login {{
         replace_file(self.directory / "passwd", "".join(
             f"{user}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{self.directory}/home/{user}::\n"
             for user in users))
+        # Dovecot re-reads a passwd file at most once a second: let the new one be seen.
+        time.sleep(1.05 - time.time() % 1)
         super().prepare(users)
 
 
