@@ -631,7 +631,7 @@ def _key_pair_problems(certificate: Path, private_key: Path | None) -> list[tupl
 def _cross_checks(values: _Values) -> list[tuple[str, str]]:
     """Problems that involve more than one key, as (key, why); skips keys that failed."""
     smtp, pop3, tls, domains = values["smtp"], values["pop3"], values["tls"], values["domains"]
-    delivery, queue = values["delivery"], values["queue"]
+    delivery, queue, log = values["delivery"], values["queue"], values["log"]
     problems = [
         ("domains.relay", f"{_quote(name)} is also in domains.local (a domain is one or the other)")
         for name in domains.get("relay", ())
@@ -643,8 +643,13 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
             f"{delivery['retry_min']:g}s is longer than delivery.retry_max "
             f"({delivery['retry_max']:g}s)",
         ))
-    if queue.get("backend") == "postgresql" and queue.get("dsn") == "":
-        problems.append(("queue.dsn", 'must be set when queue.backend is "postgresql"'))
+    # Part of the schema (SPEC §2) but not built yet: refused, never silently ignored.
+    if queue.get("backend") == "postgresql":
+        problems.append(("queue.backend", '"postgresql" is not available in this version of '
+                                          'relayhub; use "sqlite"'))
+    if log.get("format") == "json":
+        problems.append(("log.format", '"json" is not available in this version of relayhub; '
+                                       'use "text"'))
     if tls.get("private_key") and "certificate" in tls and tls["certificate"] is None:
         problems.append(("tls.private_key", "is set but tls.certificate is not"))
     if tls.get("certificate") and "private_key" in tls:

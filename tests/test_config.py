@@ -181,12 +181,12 @@ def test_settings_are_immutable() -> None:
 
 
 def test_environment_variable_names_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[log]\nformat = "json"\n')
+    path = write(tmp_path, '[smtp]\nmax_recipients = 7\n')
     settings = load_settings(environ={"RELAYHUB_CONFIG": path})
-    assert (settings.source, settings.log.format) == (path, "json")
+    assert (settings.source, settings.smtp.max_recipients) == (path, 7)
     # An explicit path beats the environment.
     other = write(tmp_path, "", name="other.toml")
-    assert load_settings(other, environ={"RELAYHUB_CONFIG": path}).log.format == "text"
+    assert load_settings(other, environ={"RELAYHUB_CONFIG": path}).smtp.max_recipients == 1000
 
 
 def test_default_path_used_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,11 +258,10 @@ pop3s = []
 apop = false
 
 [queue]
-backend = "postgresql"
-dsn = "dbname=relayhub"
+backend = "sqlite"
 
 [log]
-format = "json"
+format = "text"
 """
 
 
@@ -279,7 +278,7 @@ def test_spec_example(tmp_path: Path) -> None:
         ("127.0.0.1", 5353), ("::1", 53), ("10.0.0.1", 53), ("2001:db8::53", 53))
     assert settings.aliases.file == Path("/etc/relayhub/aliases")
     assert settings.pop3.allow_plaintext_auth is False  # public listener, rule says no
-    assert settings.queue.backend == "postgresql"
+    assert settings.queue.backend == "sqlite"
 
 
 def test_domains_are_normalised() -> None:
@@ -401,8 +400,10 @@ BAD_CASES = [
     ('[delivery]\ntls = "must"\n',
      'delivery.tls: "must" is not one of "none", "opportunistic", "required", "verify"'),
     ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port: must be 1 to 65535, not 70000"),
-    ('[queue]\nbackend = "postgresql"\n',
-     'queue.dsn: must be set when queue.backend is "postgresql"'),
+    ('[queue]\nbackend = "postgresql"\ndsn = "dbname=q"\n',
+     'queue.backend: "postgresql" is not available in this version of relayhub; use "sqlite"'),
+    ('[log]\nformat = "json"\n',
+     'log.format: "json" is not available in this version of relayhub; use "text"'),
     ('[queue]\nbackend = "mysql"\n', 'queue.backend: "mysql" is not one of "sqlite", "postgresql"'),
     ('[log]\nformat = "xml"\n', 'log.format: "xml" is not one of "text", "json"'),
     ('[tls]\ncertificate = "missing.pem"\n',
@@ -471,7 +472,7 @@ def test_bad_default_hostname_names_the_key(monkeypatch: pytest.MonkeyPatch) -> 
 def test_config_check_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["config", "check"]) == 0
     assert capsys.readouterr().out == f"OK: {BUILTIN_SOURCE}\n"
-    good = write(tmp_path, "[log]\nformat = 'json'\n", name="good.toml")
+    good = write(tmp_path, "[log]\nformat = 'text'\n", name="good.toml")
     assert run(["config", "check", "-c", good]) == 0
     assert capsys.readouterr().out == f"OK: {good}\n"
     bad = write(tmp_path, "[log]\nformat = 'xml'\n")
