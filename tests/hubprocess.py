@@ -3,20 +3,26 @@ wait for the banner, kill -9, restart; and plain-socket SMTP helpers."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from conftest import ReactorThread
 
 from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.queue.store import StoredMessage
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -117,6 +123,37 @@ class Hub:
                 missing = [n for n in needles if n not in log]
                 raise AssertionError(f"not in the log: {missing}\n{log[-3000:]}")
             time.sleep(0.05)
+
+    def send(self, recipients: Sequence[str],
+             body: bytes = b"Subject: test\r\n\r\nhello\r\n",
+             sender: str = "postmaster@localhost") -> str:
+        """Send one message with smtplib; its queue ID from the 250 reply."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(sender)
+            for rcpt in recipients:
+                assert client.rcpt(rcpt)[0] == 250, rcpt
+            code, reply = client.data(body)
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[1]
+
+    def mailbox(self, user: str) -> list[EmailMessage]:
+        """The messages delivered into a user's Maildir, oldest first."""
+        new = self.state_dir / "mail" / user / "new"
+        files = sorted(new.iterdir()) if new.is_dir() else []
+        return [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+                for f in files]
+
+    def wait(self, condition: Callable[[], T], timeout: float = 20.0) -> T:
+        """Poll until `condition()` is true and return it; fail with the log's tail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert value, f"timed out; hub log:\n{self.log()[-3000:]}"
+        return value
 
     def children(self, module: str) -> list[int]:
         """Live PIDs of the master's children running `module` ("worker" or "qmgr")."""

@@ -4,9 +4,6 @@ envelope sender, and edits of the aliases file apply without a restart."""
 
 from __future__ import annotations
 
-import email
-import email.policy
-import smtplib
 import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -50,20 +47,10 @@ class World:
 
     def send(self, recipients: list[str], body: bytes, sender: str = "postmaster@localhost"
              ) -> str:
-        with smtplib.SMTP("127.0.0.1", self.hub.smtp_port) as client:
-            client.ehlo("client.test")
-            client.mail(sender)
-            for rcpt in recipients:
-                assert client.rcpt(rcpt)[0] == 250, rcpt
-            code, reply = client.data(body)
-        assert code == 250, reply
-        return reply.decode().rsplit(" ", 1)[1]
+        return self.hub.send(recipients, body, sender)
 
     def mailbox(self, user: str) -> list[EmailMessage]:
-        new = self.hub.state_dir / "mail" / user / "new"
-        files = sorted(new.iterdir()) if new.is_dir() else []
-        return [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)
-                for f in files]
+        return self.hub.mailbox(user)
 
     def raw_mailbox(self, user: str) -> list[bytes]:
         new = self.hub.state_dir / "mail" / user / "new"
@@ -77,14 +64,7 @@ class World:
             return int(conn.command(f"RCPT TO:<{address}>")[-1][:3])
 
     def wait(self, condition: Callable[[], T], timeout: float = 20.0) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert value, f"timed out; hub log:\n{self.hub.log()[-3000:]}"
-        return value
+        return self.hub.wait(condition, timeout)
 
 
 @pytest.fixture

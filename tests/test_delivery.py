@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
-import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -53,33 +52,17 @@ class World:
 
     def send(self, recipients: list[str], body: bytes = b"Subject: test\r\n\r\nhello\r\n",
              sender: str = POSTMASTER) -> str:
-        with smtplib.SMTP("127.0.0.1", self.hub.smtp_port) as client:
-            client.ehlo("client.test")
-            client.mail(sender)
-            for rcpt in recipients:
-                assert client.rcpt(rcpt)[0] == 250, rcpt
-            code, reply = client.data(body)
-        assert code == 250, reply
-        return reply.decode().rsplit(" ", 1)[1]
+        return self.hub.send(recipients, body, sender)
 
     def mailbox(self, user: str) -> list[email.message.EmailMessage]:
-        new = self.hub.state_dir / "mail" / user / "new"
-        files = sorted(new.iterdir()) if new.is_dir() else []
-        return [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)
-                for f in files]  # type: ignore[misc]
+        return self.hub.mailbox(user)
 
     def wait_gone(self, queue_id: str) -> None:
         """Until the message has left the queue: every recipient has a final result."""
         self.wait(lambda: queue_id not in self.queue.ids())
 
     def wait(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out; hub log:\n{self.hub.log()[-3000:]}")
+        return self.hub.wait(condition, timeout)
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import smtplib
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,13 +56,7 @@ class Outbound:
             sink.close()
 
     def send(self, recipient: str) -> str:
-        with smtplib.SMTP("127.0.0.1", self.hub.smtp_port) as client:
-            client.ehlo("client.test")
-            client.mail("postmaster@localhost")
-            assert client.rcpt(recipient)[0] == 250
-            code, reply = client.data(b"Subject: tls\r\n\r\nhello\r\n")
-        assert code == 250, reply
-        return reply.decode().rsplit(" ", 1)[1]
+        return self.hub.send([recipient], b"Subject: tls\r\n\r\nhello\r\n")
 
     def show(self, queue_id: str) -> Any:
         done = subprocess.run(
@@ -76,13 +68,7 @@ class Outbound:
         return json.loads(done.stdout)
 
     def wait(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out; hub log:\n{self.hub.log()[-3000:]}")
+        return self.hub.wait(condition, timeout)
 
     def deferred(self, queue_id: str) -> Any:
         """`queue show --json` once the message's recipient has been deferred."""

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import smtplib
 import stat
 import subprocess
 import sys
@@ -91,27 +90,14 @@ class World:
 
     def send(self, recipients: list[str], subject: str = "test", sender: str = SENDER) -> str:
         body = f"Subject: {subject}\r\nFrom: <{sender}>\r\n\r\nhello\r\n".encode()
-        with smtplib.SMTP("127.0.0.1", self.hub.smtp_port) as client:
-            client.ehlo("client.test")
-            client.mail(sender)
-            for rcpt in recipients:
-                assert client.rcpt(rcpt)[0] == 250, rcpt
-            code, reply = client.data(body)
-        assert code == 250, reply
-        return reply.decode().rsplit(" ", 1)[1]
+        return self.hub.send(recipients, body, sender)
 
     def recipients(self, queue_id: str) -> list[Any]:
         found = [m for m in self.queue.messages() if m.queue_id == queue_id]
         return list(found[0].recipients) if found else []
 
     def wait(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; hub log:\n{self.hub.log()[-3000:]}")
+        return self.hub.wait(condition, timeout)
 
     def wait_deferred(self, queue_id: str) -> None:
         self.wait(lambda: all(r.status == "deferred" for r in self.recipients(queue_id))
