@@ -166,6 +166,27 @@ def test_results_of_an_attempt_on_a_deleted_message_are_discarded(
     assert item.message.queue_id == queue_id
 
 
+def test_results_arriving_together_share_one_transaction(reactor_thread: ReactorThread,
+                                                          store: SQLiteQueueStore) -> None:
+    ids = [queue(reactor_thread, store, f"r{n}@example.com") for n in range(20)]
+    now = time.time()
+    work = reactor_thread.run(store.claim_due, now, 100, 60.0)
+    before = store.stats.record_batches
+
+    def record_all() -> defer.Deferred[list[Recorded]]:
+        # All at once, as the queue manager does when many sessions answer together.
+        return defer.gatherResults([
+            store.record_attempts(item.message.queue_id, [RecipientUpdate(
+                r.index, AttemptResult(r.address, Outcome.DELIVERED, "2.0.0", "250 ok"))
+                for r in item.recipients], now)
+            for item in work])
+
+    outcomes = reactor_thread.run(record_all)
+    assert outcomes == [Recorded.REMOVED] * 20
+    assert store.stats.record_batches - before < 20
+    assert not set(ids) & {m.queue_id for m in reactor_thread.run(store.list_messages)}
+
+
 def test_bounce_marks_pending_recipients_given_up_and_due(
         reactor_thread: ReactorThread, store: SQLiteQueueStore) -> None:
     rt = reactor_thread

@@ -115,47 +115,57 @@ def confirm_leased(db: sqlite3.Connection, pairs: Sequence[tuple[str, int]], now
 
 
 def record_attempts(
-    db: sqlite3.Connection, queue_id: str, updates: Sequence[RecipientUpdate], now: float
-) -> Recorded:
-    """Write results and history; delete the message once no recipient is pending. On
-    REMOVED the caller removes the body file; a message deleted meanwhile stays gone."""
+    db: sqlite3.Connection,
+    records: Sequence[tuple[str, Sequence[RecipientUpdate], float]],
+) -> list[Recorded]:
+    """Write the results of several messages' attempts in one transaction (one fsync: the
+    queue manager records every message as its reply arrives, and every process shares the
+    one writer lock). Per message, see `_record`."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        if db.execute("SELECT 1 FROM messages WHERE id = ?", (queue_id,)).fetchone() is None:
-            # `relayhubctl queue delete` ran during the attempt: nothing left to record.
-            db.execute("COMMIT")
-            return Recorded.VANISHED
-        for update in updates:
-            result = update.result
-            error = None if result.outcome is Outcome.DELIVERED else (
-                f"{result.status} {result.text}"
-            )
-            # A recipient given up on while this attempt was under way is due at once, so
-            # that the next scan bounces it instead of waiting for the retry.
-            db.execute(
-                "UPDATE recipients SET status = ?, attempts = attempts + 1,"
-                " next_attempt = CASE WHEN give_up = 1 AND ? IS NOT NULL THEN ? ELSE ? END,"
-                " last_error = COALESCE(?, last_error), lease_until = NULL,"
-                " delay_warned = delay_warned OR ? WHERE message_id = ? AND idx = ?",
-                (_STATUS_OF[result.outcome].value, update.next_attempt, now,
-                 update.next_attempt, error, update.delay_warned, queue_id, update.index),
-            )
-            db.execute(
-                "INSERT INTO history (message_id, time, recipient_idx, relay, dsn, text)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (queue_id, now, update.index, result.relay, result.status, result.text),
-            )
-        pending = db.execute(
-            f"SELECT COUNT(*) FROM recipients WHERE message_id = ? AND status IN {_PENDING}",
-            (queue_id,),
-        ).fetchone()[0]
-        finished = bool(pending == 0)
-        if finished:
-            db.execute("DELETE FROM messages WHERE id = ?", (queue_id,))  # cascades
+        recorded = [_record(db, queue_id, updates, now) for queue_id, updates, now in records]
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    return recorded
+
+
+def _record(
+    db: sqlite3.Connection, queue_id: str, updates: Sequence[RecipientUpdate], now: float
+) -> Recorded:
+    """Write results and history; delete the message once no recipient is pending. On
+    REMOVED the caller removes the body file; a message deleted meanwhile stays gone."""
+    if db.execute("SELECT 1 FROM messages WHERE id = ?", (queue_id,)).fetchone() is None:
+        # `relayhubctl queue delete` ran during the attempt: nothing left to record.
+        return Recorded.VANISHED
+    for update in updates:
+        result = update.result
+        error = None if result.outcome is Outcome.DELIVERED else (
+            f"{result.status} {result.text}"
+        )
+        # A recipient given up on while this attempt was under way is due at once, so
+        # that the next scan bounces it instead of waiting for the retry.
+        db.execute(
+            "UPDATE recipients SET status = ?, attempts = attempts + 1,"
+            " next_attempt = CASE WHEN give_up = 1 AND ? IS NOT NULL THEN ? ELSE ? END,"
+            " last_error = COALESCE(?, last_error), lease_until = NULL,"
+            " delay_warned = delay_warned OR ? WHERE message_id = ? AND idx = ?",
+            (_STATUS_OF[result.outcome].value, update.next_attempt, now,
+             update.next_attempt, error, update.delay_warned, queue_id, update.index),
+        )
+        db.execute(
+            "INSERT INTO history (message_id, time, recipient_idx, relay, dsn, text)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (queue_id, now, update.index, result.relay, result.status, result.text),
+        )
+    pending = db.execute(
+        f"SELECT COUNT(*) FROM recipients WHERE message_id = ? AND status IN {_PENDING}",
+        (queue_id,),
+    ).fetchone()[0]
+    finished = bool(pending == 0)
+    if finished:
+        db.execute("DELETE FROM messages WHERE id = ?", (queue_id,))  # cascades
     return Recorded.REMOVED if finished else Recorded.KEPT
 
 

@@ -81,6 +81,7 @@ class QueueStats:
     commits: int = 0  # messages durably queued
     batches: int = 0  # SQLite transactions (and directory fsyncs) that committed them
     failures: int = 0  # commits answered with TemporaryFailure
+    record_batches: int = 0  # transactions that wrote attempt results
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,10 @@ class SQLiteQueueStore(QueueStore):
         self._shutdown_trigger: Any = None
         self._live_ids: set[str] = set()  # bodies being received here (orphan sweep skips them)
         self._pending: list[_Pending] = []
+        # Attempt results waiting for the next record batch, and whether one is being written.
+        self._records: list[tuple[str, Sequence[RecipientUpdate], float,
+                                  Deferred[Recorded]]] = []
+        self._recording = False
         self._writing = False
         self._idle_waiters: list[Deferred[None]] = []
         # Worker-thread only:
@@ -584,14 +589,40 @@ class SQLiteQueueStore(QueueStore):
     def record_attempts(
         self, queue_id: str, updates: Sequence[RecipientUpdate], now: float
     ) -> Deferred[Recorded]:
-        def record() -> Recorded:
-            recorded = scheduling.record_attempts(self._db, queue_id, updates, now)
-            if recorded is Recorded.REMOVED:
-                # After the commit: a crash in between leaves an orphan, never a lost row.
-                spool.remove(self.bodies / queue_id)
+        """Results that arrive while a batch is being written go together in the next one
+        (one transaction, one fsync), as commits of new mail do."""
+        done: Deferred[Recorded] = Deferred()
+        self._records.append((queue_id, updates, now, done))
+        if not self._recording:
+            self._write_records()
+        return done
+
+    def _write_records(self) -> None:
+        batch, self._records = self._records, []
+        self._recording = True
+
+        self.stats.record_batches += 1
+
+        def write() -> list[Recorded]:
+            recorded = scheduling.record_attempts(
+                self._db, [(queue_id, updates, now) for queue_id, updates, now, _ in batch])
+            for (queue_id, *_), outcome in zip(batch, recorded, strict=True):
+                if outcome is Recorded.REMOVED:
+                    # After the commit: a crash in between leaves an orphan, not a lost row.
+                    spool.remove(self.bodies / queue_id)
             return recorded
 
-        return self._call(record)
+        def written(result: list[Recorded] | Failure) -> None:
+            self._recording = False
+            if self._records:
+                self._write_records()
+            for (*_, done), outcome in zip(batch, _each(result, len(batch)), strict=True):
+                if isinstance(outcome, Failure):
+                    done.errback(outcome)
+                else:
+                    done.callback(outcome)
+
+        self._call(write).addBoth(written)
 
     # -- for relayhubctl ------------------------------------------------------------------
 
@@ -643,3 +674,8 @@ def _valid(selection: Selection) -> Selection:
     """`selection` without strings that cannot be queue IDs (they match nothing anyway; this
     keeps paths such as "../x" away from the bodies directory)."""
     return replace(selection, queue_ids=tuple(q for q in selection.queue_ids if is_queue_id(q)))
+
+
+def _each(result: list[Recorded] | Failure, count: int) -> list[Recorded | Failure]:
+    """A batch's outcomes, one per record: a failed batch fails every record in it."""
+    return [result] * count if isinstance(result, Failure) else list(result)
