@@ -59,17 +59,3 @@ class ConnectionCounter:
     def totals(self) -> dict[str, int]:
         return {"smtp": self._count(lambda s, a: s in SMTP_SERVICES),
                 "pop3": self._count(lambda s, a: s not in SMTP_SERVICES)}
-
-
-class LocalAdmission:
-    """An Admission over a counter in this very process (single-process use and tests)."""
-
-    def __init__(self, counter: ConnectionCounter, owner: str = "local") -> None:
-        self.counter = counter
-        self.owner = owner
-
-    def admit(self, service: str, address: str, exempt: bool) -> defer.Deferred[str]:
-        return defer.succeed(self.counter.admit(self.owner, service, address, exempt))
-
-    def release(self, service: str, address: str) -> None:
-        self.counter.release(self.owner, service, address)

@@ -354,15 +354,6 @@ def _parse_include(text: str, filename: str
     return tuple(members), refs, problems
 
 
-def parse_include(text: str, filename: str) -> tuple[Target, ...]:
-    """The members of an include file: one per line (commas also separate), `#` comments;
-    AliasFileError lists every problem."""
-    members, _refs, problems = _parse_include(text, filename)
-    if problems:
-        raise AliasFileError(problems)
-    return members
-
-
 def _format_name(name: str) -> str:
     # A name starting with '#' would read back as a comment line.
     return name if _is_dot_string(name) and not name.startswith("#") else _quote(name)

@@ -32,10 +32,6 @@ class RecipientRefused(SMTPReply):
     """A recipient that the acceptance policy refuses at RCPT."""
 
 
-class SenderRefused(SMTPReply):
-    """A sender that is refused at MAIL."""
-
-
 class MessageRefused(SMTPReply):
     """A message refused at the end of DATA; nothing has been queued."""
 

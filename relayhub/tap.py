@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from twisted.python import usage
 
-from relayhub.config import ConfigError, Settings, load_settings
+from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.process.master import MasterService
 
 
@@ -22,11 +22,13 @@ class Options(usage.Options):
         ["config", "c", None, "configuration file (TOML)"],
     ]
 
+    config: tuple[str, str | None]  # (source, text) as read once, for the children
     settings: Settings
 
     def postOptions(self) -> None:
         try:
-            self.settings = load_settings(self["config"])
+            self.config = read_config(self["config"])
+            self.settings = settings_from_text(*self.config)
         except ConfigError as error:
             # One line per problem and exit 1; a traceback helps no administrator here.
             sys.stderr.write(f"{error}\n")
@@ -36,4 +38,4 @@ class Options(usage.Options):
 def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor
 
-    return MasterService(options["config"], options.settings, reactor)
+    return MasterService(options["config"], options.config, options.settings, reactor)

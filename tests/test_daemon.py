@@ -24,15 +24,9 @@ from hubprocess import REPO, Hub, SMTPConnection, free_port
 POSTMASTER = "postmaster@localhost"
 
 
-def deliver_one(port: int, subject: str, recipient: str = POSTMASTER) -> str:
+def deliver_one(hub: Hub, subject: str, recipient: str = POSTMASTER) -> str:
     """Send one message; its queue ID from the 250 reply."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo("client.test")
-        client.mail(POSTMASTER)
-        assert client.rcpt(recipient)[0] == 250
-        code, reply = client.data(f"Subject: {subject}\r\n\r\nbody\r\n".encode())
-    assert code == 250, reply
-    return reply.decode().rsplit(" ", 1)[1]
+    return hub.send([recipient], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
 
 
 def delivered_ids(hub: Hub, user: str = "postmaster") -> set[str]:
@@ -88,7 +82,7 @@ def test_kill9_of_a_worker_under_load(hub2: Hub) -> None:
             n += 1
             # A session on the killed worker fails: never acknowledged, nothing promised.
             with contextlib.suppress(OSError, smtplib.SMTPException):
-                acknowledged.append(deliver_one(hub2.smtp_port, f"load {n}"))
+                acknowledged.append(deliver_one(hub2, f"load {n}"))
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for thread in threads:
@@ -135,7 +129,7 @@ def test_sighup_mid_transaction_and_alias_added_before_it(tmp_path: Path) -> Non
             conn.command("QUIT")
         wait_until(lambda: queue_id in delivered_ids(hub), 20, "the message delivered")
         # A new session sees the alias added before the SIGHUP.
-        new_id = deliver_one(hub.smtp_port, "to the new alias", "newalias@localhost")
+        new_id = deliver_one(hub, "to the new alias", "newalias@localhost")
         wait_until(lambda: new_id in delivered_ids(hub), 20, "alias delivery")
         assert "worker-1.1 stopped" in hub.wait_for_log("worker-1.1 stopped")
     finally:
@@ -149,7 +143,7 @@ def test_sigterm_exits_0_and_queued_mail_goes_after_restart(tmp_path: Path) -> N
         "routing": {"transport": {"sink.example": f"[127.0.0.1]:{sink_port}"}},
         "delivery": {"tls": "none", "retry_min": "1s", "retry_max": "1s"},
     }).start()
-    queue_id = deliver_one(hub.smtp_port, "wait for me", "rcpt@sink.example")
+    queue_id = deliver_one(hub, "wait for me", "rcpt@sink.example")
     hub.wait_for_log(f"{queue_id}: to=<rcpt@sink.example>", "status=deferred")
     assert hub.process is not None
     started = time.monotonic()
@@ -214,7 +208,7 @@ def test_started_as_root_children_run_as_the_service_user_on_a_low_port() -> Non
             nobody = 65534
             children = hub.children("worker") + hub.children("qmgr")
             assert len(children) == 2 and all(uid_of(pid) == nobody for pid in children)
-            queue_id = deliver_one(port, "as nobody")
+            queue_id = deliver_one(hub, "as nobody")
             wait_until(lambda: queue_id in delivered_ids(hub), 20, "delivery as nobody")
             mail = next((hub.state_dir / "mail" / "postmaster" / "new").iterdir())
             assert mail.stat().st_uid == nobody
@@ -240,7 +234,7 @@ def test_relayhubctl_reload_refuses_a_broken_configuration_and_keeps_running(
         assert hub.process is not None
         hub.process.send_signal(signal.SIGHUP)
         hub.wait_for_log("reload refused, configuration kept", "smtp.max_recipients")
-        assert deliver_one(hub.smtp_port, "still served")
+        assert deliver_one(hub, "still served")
         hub.config_path.write_text(good)
         done = subprocess.run([*ctl, "reload"], capture_output=True, text=True, env=env,
                               timeout=60)

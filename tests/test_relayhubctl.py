@@ -104,10 +104,7 @@ class World:
                   and self.recipients(queue_id))
 
     def reports(self, user: str = "postmaster") -> list[email.message.EmailMessage]:
-        new = self.hub.state_dir / "mail" / user / "new"
-        found = [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)
-                 for f in sorted(new.iterdir())] if new.is_dir() else []
-        return [m for m in found if m.get_content_type() == "multipart/report"]  # type: ignore[misc]
+        return [m for m in self.hub.mailbox(user) if m.get_content_type() == "multipart/report"]
 
 
 @pytest.fixture

@@ -314,7 +314,8 @@ class POP3Server(Protocol, TimeoutMixin):
 
     @property
     def _transport(self) -> Any:
-        # zope.interface methods are opaque to mypy; treat the transport as dynamic.
+        # One object that is several interfaces at once (ITCPTransport, IPushProducer,
+        # ITLSTransport); no single declared type covers what a session calls on it.
         return self.transport
 
     @property

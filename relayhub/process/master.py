@@ -55,9 +55,12 @@ class _ChildLocator(amp.CommandLocator):
 
 
 class MasterService(Service):
-    def __init__(self, config_path: str | None, settings: Settings, reactor: Any) -> None:
+    def __init__(self, config_path: str | None, config: tuple[str, str | None],
+                 settings: Settings, reactor: Any) -> None:
+        """`config` is the (source, text) that `settings` was parsed from: children get that
+        very text, never a second read of a file that may have changed since."""
         self.config_path = config_path
-        self.config = read_config(config_path)
+        self.config = config
         self.settings = settings
         self.reactor = reactor
         self.admission = ConnectionCounter(settings.smtp)

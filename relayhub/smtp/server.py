@@ -35,7 +35,7 @@ from relayhub.address import Mailbox
 from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
-from relayhub.errors import SMTPReply, SyntaxErrorReply, TemporaryFailure
+from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
 from relayhub.pop3.auth import (
@@ -239,7 +239,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     @property
     def _transport(self) -> Any:
-        # zope.interface methods are opaque to mypy without a plugin; treat it as dynamic.
+        # One object that is several interfaces at once (ITCPTransport, IPushProducer,
+        # ITLSTransport); no single declared type covers what a session calls on it.
         return self.transport
 
     @property
@@ -624,15 +625,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._header_stage.finish()
         summary = self._header_stage.summary()
         self._transaction, self._reader, self._header_stage = None, None, None
-        refusal: SMTPReply | None = None
+        refusal: MessageRefused | None = None
         if reader.defects.bare_newline:
-            refusal = SMTPReply(550, "5.5.2", "Error: bare <CR> or <LF> received")
+            refusal = MessageRefused(550, "5.5.2", "Error: bare <CR> or <LF> received")
         elif reader.defects.line_too_long:
-            refusal = SMTPReply(500, "5.5.2", "Error: line too long")
+            refusal = MessageRefused(500, "5.5.2", "Error: line too long")
         elif reader.defects.too_big:
-            refusal = SMTPReply(552, "5.3.4", "Error: message file too big")
+            refusal = MessageRefused(552, "5.3.4", "Error: message file too big")
         elif summary.received_count > MAX_HOPS:
-            refusal = SMTPReply(554, "5.4.6", "Error: too many hops")
+            refusal = MessageRefused(554, "5.4.6", "Error: too many hops")
         if refusal is not None:
             self._abort_incoming()
             _LOG.info(maillog.REFUSED_MESSAGE, queue_id=incoming.queue_id,
