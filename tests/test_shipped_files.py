@@ -53,3 +53,14 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", "--man=no", str(tmp_path / "relayhub.service"),
          str(tmp_path / "relayhub.socket")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_installs_what_swaks_needs_for_tls() -> None:
+    """`--no-install-recommends` drops Net::SSLeay, which swaks only recommends; without it
+    `swaks --tls` stops with "TLS not available" (issue 14, defect 4)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "libnet-ssleay-perl" in ci
+    if shutil.which("swaks") is None:
+        pytest.skip("swaks is not installed here (.ci/run installs it)")
+    support = subprocess.run(["swaks", "--support"], capture_output=True, text=True, check=False)
+    assert "=== TLS supported" in support.stdout + support.stderr
