@@ -138,3 +138,40 @@ def test_matches_reference_for_any_chunking(
     assert reader.defects.line_too_long == (longest > 8)
     if not reader.defects.any:
         assert body == exp_body
+
+
+long_stream_bytes = st.lists(
+    st.sampled_from([b"a" * 40, b"b" * 7, b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.",
+                     b".\r\n", b"\r\n.\r", b"\r\r\n", b"\xc3\xa9"]),
+    max_size=400,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=long_stream_bytes,
+    tail=st.sampled_from([b"", b"\r\n.\r\n", b"\r\n.\r\nQUIT\r\n"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=4),
+    normalize=st.booleans(),
+    max_line=st.sampled_from([8, 50, 100, 100000]),
+)
+def test_whole_block_path_matches_reference(
+    stream: bytes, tail: bytes, cuts: list[int], normalize: bool, max_line: int
+) -> None:
+    """Long inputs with many complete lines per chunk, where the reader takes whole blocks
+    of lines at once: same body, end, defects as the reference definition."""
+    data = stream + tail
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    body, leftover, reader = run(chunks, normalize=normalize, max_line=max_line,
+                                 max_size=10**7)
+    expected = reference(data, normalize)
+    if expected is None:
+        assert leftover is None
+        return
+    exp_body, exp_leftover, exp_bare, longest = expected
+    assert leftover == exp_leftover
+    assert reader.defects.bare_newline == exp_bare
+    assert reader.defects.line_too_long == (longest > max_line)
+    if not reader.defects.any:
+        assert body == exp_body

@@ -1,12 +1,14 @@
 """What every child process (worker, queue manager) does the same way: read the settings the
-master validated from stdin, log through the master, talk AMP on fd 3, run its service, and
+master validated from stdin, log to the master's stdout, talk AMP on fd 3, run its service, and
 exit when the master goes away or sends SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -19,6 +21,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatTime,
     globalLogBeginner,
 )
 from twisted.protocols import amp
@@ -29,6 +32,8 @@ from relayhub.config import Settings, settings_from_text
 
 # File descriptor of the AMP channel to the master (see relayhub.process.supervisor).
 MASTER_FD = 3
+# The child's name in the log ("worker-1"), set by the master (relayhub.process.supervisor).
+LOG_NAME_VARIABLE = "RELAYHUB_CHILD_NAME"
 # Between the source line and the configuration text on stdin.
 SOURCE_END = "\n"
 
@@ -41,27 +46,46 @@ def read_settings(stdin: TextIO) -> Settings:
 
 @implementer(ILogObserver)
 class LineLogObserver:
-    """One line per event on stdout: "<level> <namespace> <text>"; the master adds the time
-    and the process's name when it writes the line to the hub's log."""
+    """Writes each event as one finished line of the hub's log, in the master's own format:
+    "<time> [relayhub.process.supervisor#<level>] <name>[<pid>] [<namespace>] <text>".
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
+    Children share the master's stdout and write to it themselves, one write(2) per event
+    (lines from different processes never interleave within a line), instead of piping
+    lines through the master to be parsed and written again: that relay cost the master
+    about half of its CPU under load.
+    """
+
+    def __init__(self, fd: int, name: str, pid: int) -> None:
+        self.fd = fd
+        self.prefix = f"{name}[{pid}]"
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:  # formatting a time is the slow part; once a second
+            self._second, self._stamp = second, formatTime(second)
+        return self._stamp
 
     def __call__(self, event: dict[str, Any]) -> None:
         text = formatEvent(event)
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
             text += "\n" + failure.getTraceback()
-        level = event.get("log_level", LogLevel.info).name
-        namespace = event.get("log_namespace", "-")
-        for line in text.splitlines() or [""]:
-            self.out.write(f"{level} {namespace} {line}\n")
-        self.out.flush()
+        head = (f"{self._time(event.get('log_time') or time.time())} "
+                f"[relayhub.process.supervisor#{event.get('log_level', LogLevel.info).name}] "
+                f"{self.prefix} [{event.get('log_namespace', '-')}] ")
+        data = "".join(f"{head}{line}\n" for line in text.splitlines() or [""]).encode()
+        with contextlib.suppress(OSError):  # a log that cannot be written must not kill us
+            while data:
+                data = data[os.write(self.fd, data):]
 
 
 def start_logging() -> None:
     observer = FilteringLogObserver(
-        LineLogObserver(sys.stdout), [LogLevelFilterPredicate(LogLevel.info)])
+        LineLogObserver(sys.stdout.fileno(), os.environ.get(LOG_NAME_VARIABLE, "child"),
+                        os.getpid()),
+        [LogLevelFilterPredicate(LogLevel.info)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel
+from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from relayhub.process.child import MASTER_FD, SOURCE_END
+from relayhub.process.child import LOG_NAME_VARIABLE, MASTER_FD, SOURCE_END
 from relayhub.process.listeners import FIRST_LISTENER_FD
 
 _LOG = Logger(namespace="relayhub.master")
@@ -42,7 +42,7 @@ class ChildSpec:
 
 
 class _Output(ProcessProtocol):
-    """Relays the child's output lines into the master's log and reports its end."""
+    """Relays the child's stray output lines into the master's log and reports its end."""
 
     def __init__(self, child: SupervisedChild) -> None:
         self.child = child
@@ -86,10 +86,13 @@ class SupervisedChild:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", MASTER_FD: theirs.fileno()}
+        # stdout is the master's own: children write finished log lines there themselves
+        # (relayhub.process.child.LineLogObserver). stderr (a crash before logging began)
+        # still comes through the master, marked as the child's.
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: "r", MASTER_FD: theirs.fileno()}
         for offset, fd in enumerate(self.spec.listener_fds):
             child_fds[FIRST_LISTENER_FD + offset] = fd
-        environment = {**os.environ, **self.spec.environment}
+        environment = {**os.environ, **self.spec.environment, LOG_NAME_VARIABLE: self.spec.name}
         self._ended = defer.Deferred()
         self.process = self.reactor.spawnProcess(
             _Output(self), sys.executable, [sys.executable, "-m", self.spec.module],
@@ -107,15 +110,11 @@ class SupervisedChild:
         _LOG.info("started {name} (pid {pid})", name=self.spec.name, pid=self.pid)
 
     def relay_log(self, line: str, *, from_stderr: bool) -> None:
-        """Child lines are "<level> <namespace> <text>" (child.LineLogObserver); anything
-        else (a crash before logging began, stray output) is passed on as it is."""
-        level, text = (LogLevel.warn if from_stderr else LogLevel.info), line
-        parts = line.split(" ", 2)
-        if not from_stderr and len(parts) == 3:
-            with contextlib.suppress(InvalidLogLevelError):
-                level, text = LogLevel.levelWithName(parts[0]), f"[{parts[1]}] {parts[2]}"
+        """A line the child wrote outside its log (a crash before logging began, stray
+        output): passed on as it is, marked with the child's name."""
+        level = LogLevel.warn if from_stderr else LogLevel.info
         _LOG.emit(level, "{child}[{pid}] {text}", child=self.spec.name, pid=self.pid,
-                  text=text)
+                  text=line)
 
     def ended(self, reason: Failure) -> None:
         lived = self.reactor.seconds() - self.started_at

@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 # A lock that outlasts busy_timeout this many times over is a real problem worth reporting.
 LOCK_RETRIES = 5
+BODY_SYNC_THREADS = 4
 ID_ATTEMPTS = 10
 
 MESSAGE_COLUMNS = (
@@ -95,6 +96,8 @@ class _Job:
     size: int
     envelope: Envelope
     subject: str
+    # (st_dev, st_ino) once the body is fsync'd and closed; None if that failed.
+    identity: spool.FileIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ class _SQLiteIncoming(IncomingMessage):
             return fail(TemporaryFailure())
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
                    subject)
-        return self._store._enqueue(job)
+        return self._store._sync_then_enqueue(job)
 
     def abort(self) -> None:
         if self._finished:
@@ -178,6 +181,12 @@ class SQLiteQueueStore(QueueStore):
         self._reactor = reactor
         self._busy_timeout = busy_timeout
         self._pool = ThreadPool(1, 1, name=f"relayhub-queue:{self.directory}")
+        # Body fsyncs run here, several at once and as soon as each DATA ends, rather than
+        # one after another on the database thread: a disk absorbs parallel flushes far
+        # better, and the next batch's bodies are durable while this batch commits.
+        self._sync_pool = ThreadPool(1, BODY_SYNC_THREADS,
+                                     name=f"relayhub-queue-sync:{self.directory}")
+        self._syncing = 0  # bodies being fsync'd, not yet handed to a batch
         # SystemRandom: a forked process must not repeat its parent's ID suffixes.
         self._rng = random.SystemRandom()
         self._ready = False
@@ -202,6 +211,7 @@ class SQLiteQueueStore(QueueStore):
         if self._pool.started:
             return fail(QueueStateError("queue store already open"))
         self._pool.start()
+        self._sync_pool.start()
 
         def opened(_: None) -> None:
             self._ready = True
@@ -212,6 +222,7 @@ class SQLiteQueueStore(QueueStore):
 
         def failed(reason: Failure) -> Failure:
             self._pool.stop()
+            self._sync_pool.stop()
             return reason
 
         d = deferToThreadPool(self._reactor, self._pool, self._open_sync)
@@ -224,13 +235,14 @@ class SQLiteQueueStore(QueueStore):
                 # Closed while still opening (the process is stopping early): the worker
                 # thread must go too, or it keeps the process alive after the reactor.
                 self._pool.stop()
+                self._sync_pool.stop()
             return succeed(None)
         self._ready = False
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         idle: Deferred[None] = Deferred()
-        if self._writing:
+        if self._writing or self._syncing:
             self._idle_waiters.append(idle)
         else:
             idle.callback(None)
@@ -240,6 +252,7 @@ class SQLiteQueueStore(QueueStore):
 
         def stop_pool(result: object) -> object:
             self._pool.stop()  # the worker is idle by now, so this join is immediate
+            self._sync_pool.stop()
             return result
 
         idle.addCallback(release)
@@ -299,14 +312,41 @@ class SQLiteQueueStore(QueueStore):
             return _SQLiteIncoming(self, queue_id, path, file, arrival)
         raise TemporaryFailure()
 
-    def _enqueue(self, job: _Job) -> Deferred[None]:
+    def _sync_then_enqueue(self, job: _Job) -> Deferred[None]:
+        """fsync and close the body on the sync pool, then join the next database batch."""
         if not self._ready:
+            return self._enqueue(job)
+        self._syncing += 1
+        synced: Deferred[Any] = deferToThreadPool(
+            self._reactor, self._sync_pool, spool.sync_and_close, job.file)
+
+        def enqueue(result: spool.FileIdentity | Failure) -> Deferred[None]:
+            self._syncing -= 1
+            # Enqueued even if close() began meanwhile: it waits for this batch, as it does
+            # for commits that were already pending when it was called.
+            if isinstance(result, Failure):
+                return self._enqueue(job, sync_error=result.value, closing=True)
+            return self._enqueue(replace(job, identity=result), closing=True)
+
+        return synced.addBoth(enqueue)
+
+    def _enqueue(self, job: _Job, sync_error: BaseException | None = None,
+                 closing: bool = False) -> Deferred[None]:
+        if not self._ready and not closing:
             spool.close_quietly(job.file)
             spool.remove(job.path)
             self._live_ids.discard(job.queue_id)
             self.stats.failures += 1
             return fail(TemporaryFailure())
         done: Deferred[None] = Deferred()
+        if sync_error is not None:
+            spool.remove(job.path)
+            self._live_ids.discard(job.queue_id)
+            self.stats.failures += 1
+            self.log.error("{queue_id}: cannot queue message: {error}",
+                           queue_id=job.queue_id, error=sync_error)
+            self._notify_idle()
+            return fail(TemporaryFailure())
         self._pending.append(_Pending(job, done))
         if not self._writing:
             self._start_batch()
@@ -351,7 +391,10 @@ class SQLiteQueueStore(QueueStore):
                     queue_id=p.job.queue_id, error=error,
                 )
                 p.done.errback(TemporaryFailure())
-        if not self._writing:
+        self._notify_idle()
+
+    def _notify_idle(self) -> None:
+        if not self._writing and not self._syncing:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -362,7 +405,9 @@ class SQLiteQueueStore(QueueStore):
         identities: dict[int, spool.FileIdentity] = {}
         for i, job in enumerate(jobs):
             try:
-                identities[i] = spool.sync_and_close(job.file)
+                # Normally synced already on the sync pool; a job enqueued while the store
+                # was closing still needs it here.
+                identities[i] = job.identity or spool.sync_and_close(job.file)
             except OSError as exc:
                 errors[i] = exc
         transacted = False

@@ -31,7 +31,13 @@ class DotStuffer:
         if not chunk:
             return b""
         self._after_cr = chunk.endswith(b"\r")
-        out = _LINE_END.sub(_CRLF, chunk).replace(b"\r\n.", b"\r\n..")
+        line_ends = chunk.count(_CRLF)
+        if chunk.count(b"\r") == line_ends and chunk.count(b"\n") == line_ends:
+            out = chunk  # CRLF only, as every stored body is: no rewriting of line ends
+        else:
+            out = _LINE_END.sub(_CRLF, chunk)
+        if b"\r\n." in out:
+            out = out.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = out.endswith(_CRLF)
