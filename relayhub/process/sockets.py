@@ -11,6 +11,7 @@ Other endpoints (UNIX sockets, systemd socket activation) keep one shared socket
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,10 @@ def bind(reactor: Any, spec: listeners.ListenerSpec, slots: int) -> BoundListene
         # Twisted keeps the parsed description only in these attributes.
         address = (endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
                    endpoint._port)
-        return BoundListener(spec, [_reuseport_socket(family, address, endpoint._backlog)
+        # Twisted's default backlog (50) drops a burst of connections on the floor; unless
+        # the description sets one, take the kernel's limit, as Postfix does.
+        backlog = endpoint._backlog if "backlog=" in spec.description else system_backlog()
+        return BoundListener(spec, [_reuseport_socket(family, address, backlog)
                                     for _ in range(max(slots, 1))])
     results: list[Any] = []
     # UNIX and systemd endpoints bind synchronously too.
@@ -58,6 +62,14 @@ def bind(reactor: Any, spec: listeners.ListenerSpec, slots: int) -> BoundListene
         results[0].raiseException()
     port = results[0]
     return BoundListener(spec, [listeners.port_socket(port)], port)
+
+
+def system_backlog() -> int:
+    """The kernel's cap on a listen queue (net.core.somaxconn), or Python's idea of it."""
+    try:
+        return max(int(Path("/proc/sys/net/core/somaxconn").read_text()), socket.SOMAXCONN)
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 def _reuseport_socket(family: int, address: tuple[str, int], backlog: int) -> socket.socket:
