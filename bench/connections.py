@@ -85,7 +85,7 @@ async def burst(host: str, port: int, count: int, timeout: float,
     async def guarded(index: int) -> bool:
         try:
             return await asyncio.wait_for(one(index), timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return False
 
     results = await asyncio.gather(*(guarded(i) for i in range(count)))

@@ -11,8 +11,8 @@ Other endpoints (UNIX sockets, systemd socket activation) keep one shared socket
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
