@@ -170,6 +170,7 @@ class Maildrop:
 
     def __init__(self, maildir: Path, messages: list[MessageFile], lock_fd: int) -> None:
         self.maildir = maildir
+        self._root = str(maildir)  # paths joined as text: pathlib costs more than the open
         self._messages = messages
         self._deleted: set[int] = set()
         self._lock_fd: int | None = lock_fd
@@ -210,6 +211,26 @@ class Maildrop:
         fd = os.open(self.maildir / message.subdir / message.name,
                      os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         return os.fdopen(fd, "rb", buffering=0)
+
+    def read_listed(self, number: int, limit: int) -> bytes | None:
+        """The whole of message `number` under its listed name, if it is at most `limit`
+        octets (else None: stream it); FileNotFoundError if it was moved or removed since.
+
+        One open and one or two reads of a file in the page cache: cheaper than a streaming
+        producer for the small messages that are most of a maildrop."""
+        message = self.message(number)
+        if message.size > limit:
+            return None
+        fd = os.open(f"{self._root}/{message.subdir}/{message.name}",
+                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            parts = [os.read(fd, limit + 1)]
+            while parts[-1] and sum(map(len, parts)) <= limit:
+                parts.append(os.read(fd, limit + 1))
+        finally:
+            os.close(fd)
+        data = b"".join(parts)
+        return data if len(data) <= limit else None
 
     def open_message(self, number: int) -> BinaryIO:
         """Open message `number` for reading (blocking). Raises NoSuchMessage or

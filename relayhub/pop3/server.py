@@ -29,6 +29,7 @@ from relayhub.pop3.mailbox import (
     NoSuchMessage,
     open_maildrop,
 )
+from relayhub.sendnow import send_now
 from relayhub.smtp.encoder import DotStuffer
 from relayhub.users import User
 
@@ -52,6 +53,8 @@ MAX_BAD_COMMANDS = 20
 MAX_AUTH_FAILURES = 3
 # Read size for RETR/TOP; the transport asks for the next chunk when it has sent this one.
 CHUNK_SIZE = 64 * 1024
+# Messages up to this size are read whole and answered in one write; larger ones stream.
+WHOLE_MESSAGE_LIMIT = 256 * 1024
 # Pipelined input buffered while an answer is pending before we stop reading the socket.
 MAX_PIPELINED = 64 * 1024
 
@@ -477,7 +480,7 @@ class POP3Server(Protocol, TimeoutMixin):
 
     def _send(self, lines: Lines) -> None:
         if lines:
-            self._transport.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+            send_now(self._transport, "".join(line + "\r\n" for line in lines).encode("utf-8"))
 
     def _refuse(self, error: Exception) -> None:
         line = reply_for(error)
@@ -659,19 +662,31 @@ class POP3Server(Protocol, TimeoutMixin):
         return multiline("+OK Unique-ID listing follows",
                          [f"{n} {m.uid}" for n, m in self._drop.listing()])
 
-    def do_RETR(self, arg: str) -> defer.Deferred[Lines]:
+    def do_RETR(self, arg: str) -> defer.Deferred[Lines] | Lines:
         number = parse_message_number(arg)
         message = self._drop.message(number)
         self._stats["retr"] += 1
         return self._stream(number, f"+OK {message.size} octets", None)
 
-    def do_TOP(self, arg: str) -> defer.Deferred[Lines]:
+    def do_TOP(self, arg: str) -> defer.Deferred[Lines] | Lines:
         number, lines = parse_top(arg)
         self._drop.message(number)
         self._stats["top"] += 1
         return self._stream(number, "+OK Top of message follows", TopFilter(lines))
 
-    def _stream(self, number: int, first: str, top: TopFilter | None) -> defer.Deferred[Lines]:
+    def _stream(self, number: int, first: str, top: TopFilter | None
+                ) -> defer.Deferred[Lines] | Lines:
+        if top is None:
+            try:
+                whole = self._drop.read_listed(number, WHOLE_MESSAGE_LIMIT)
+            except FileNotFoundError:
+                whole = None  # moved meanwhile: the streaming path searches for it
+            if whole is not None:
+                # Status line, stuffed message and terminator in one write.
+                stuffer = DotStuffer()
+                send_now(self._transport, b"".join((first.encode(), b"\r\n",
+                                                    stuffer.encode(whole), stuffer.finish())))
+                return self._sent(len(whole), True)
         try:
             # Opening a listed name is one quick system call, like the reads that follow;
             # only a file moved meanwhile needs the directory listings of open_message.

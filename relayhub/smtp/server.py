@@ -45,6 +45,7 @@ from relayhub.pop3.auth import (
     decode_sasl_text,
 )
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
+from relayhub.sendnow import send_now
 from relayhub.smtp.data import DataReader
 from relayhub.smtp.headers import HeaderStage, received_header
 from relayhub.smtp.params import parse_mail, parse_rcpt
@@ -452,9 +453,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     # -- output ----------------------------------------------------------------------
 
     def _send(self, lines: list[str]) -> None:
-        self._transport.write(
-            "".join(line + "\r\n" for line in lines).encode("utf-8")
-        )
+        send_now(self._transport, "".join(line + "\r\n" for line in lines).encode("utf-8"))
 
     def _answer(self, reply: Reply) -> None:
         if isinstance(reply, list):
