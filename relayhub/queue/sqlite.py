@@ -649,16 +649,18 @@ class SQLiteQueueStore(QueueStore):
         self.stats.record_batches += 1
 
         def write() -> list[Recorded]:
-            recorded = scheduling.record_attempts(
+            return scheduling.record_attempts(
                 self._db, [(queue_id, updates, now) for queue_id, updates, now, _ in batch])
-            for (queue_id, *_), outcome in zip(batch, recorded, strict=True):
-                if outcome is Recorded.REMOVED:
-                    # After the commit: a crash in between leaves an orphan, not a lost row.
-                    spool.remove(self.bodies / queue_id)
-            return recorded
 
         def written(result: list[Recorded] | Failure) -> None:
             self._recording = False
+            if not isinstance(result, Failure):
+                # After the commit (a crash in between leaves an orphan, not a lost row),
+                # and not on the database thread: unlinking is slow enough to hold up the
+                # next batch of results.
+                self._remove_bodies([queue_id for (queue_id, *_), outcome
+                                     in zip(batch, result, strict=True)
+                                     if outcome is Recorded.REMOVED])
             if self._records:
                 self._write_records()
             for (*_, done), outcome in zip(batch, _each(result, len(batch)), strict=True):
@@ -668,6 +670,17 @@ class SQLiteQueueStore(QueueStore):
                     done.callback(outcome)
 
         self._call(write).addBoth(written)
+
+    def _remove_bodies(self, queue_ids: list[str]) -> None:
+        if not queue_ids:
+            return
+
+        def remove() -> None:
+            for queue_id in queue_ids:
+                spool.remove(self.bodies / queue_id)
+
+        deferToThreadPool(self._reactor, self._sync_pool, remove).addErrback(
+            lambda failure: self.log.failure("cannot remove delivered bodies", failure))
 
     # -- for relayhubctl ------------------------------------------------------------------
 

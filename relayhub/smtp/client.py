@@ -34,6 +34,7 @@ from zope.interface import implementer
 from relayhub.address import xtext_encode
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.errors import SMTPReply
+from relayhub.sendnow import send_now
 from relayhub.smtp.encoder import DotStuffer
 
 CHUNK_SIZE = 64 * 1024
@@ -318,7 +319,7 @@ class ClientProtocol(Protocol):
         """Write command lines in one write (a pipelined group is one segment)."""
         if any("\r" in line or "\n" in line for line in lines):
             raise ValueError(f"line break inside an SMTP command: {lines!r}")
-        self._tx.write(b"".join(line.encode() + b"\r\n" for line in lines))
+        send_now(self._tx, b"".join(line.encode() + b"\r\n" for line in lines))
 
     def read_reply(self, timeout: float) -> Deferred[Reply]:
         if self._replies:
@@ -343,7 +344,20 @@ class ClientProtocol(Protocol):
         """Stream the body, dot-stuffed and ended by ".", as fast as the peer takes it."""
         waiting = self._wait("body", block_timeout)
         if self.trouble is None:
-            producer = _BodyProducer(self, body, block_timeout)
+            # Most bodies fit in one chunk: stuffed and ended in one write, without a
+            # producer to register, resume and unregister.
+            try:
+                first = body.read(CHUNK_SIZE)
+                more = body.read(1) if len(first) == CHUNK_SIZE else b""
+            except OSError as exc:
+                self.body_failed(exc)
+                return waiting
+            if not more:
+                encoder = DotStuffer()
+                send_now(self._tx, encoder.encode(first) + encoder.finish())
+                self._done(None)
+                return waiting
+            producer = _BodyProducer(self, body, block_timeout, first + more)
             self._tx.registerProducer(producer, True)
             producer.resumeProducing()
         return waiting
@@ -413,16 +427,19 @@ class ClientProtocol(Protocol):
 class _BodyProducer:
     """Reads the body file chunk by chunk into the transport for as long as it wants more."""
 
-    def __init__(self, protocol: ClientProtocol, body: BinaryIO, block_timeout: float) -> None:
+    def __init__(self, protocol: ClientProtocol, body: BinaryIO, block_timeout: float,
+                 already_read: bytes = b"") -> None:
         self._protocol, self._body, self._block_timeout = protocol, body, block_timeout
         self._encoder = DotStuffer()
+        self._already_read = already_read  # the body's start, read before we were needed
         self._paused = self._stopped = False
 
     def resumeProducing(self) -> None:
         self._paused = False
         while not (self._paused or self._stopped):
             try:
-                chunk = self._body.read(CHUNK_SIZE)
+                chunk, self._already_read = (
+                    self._already_read or self._body.read(CHUNK_SIZE)), b""
             except OSError as exc:
                 self._stopped = True
                 self._protocol.body_failed(exc)
