@@ -2,6 +2,14 @@
 
 The master owns one `ConnectionCounter` for all workers (SPEC §2: per-IP limits count
 across workers); a worker asks it over AMP through an `Admission`.
+
+Clients in trusted networks are exempt from the per-IP limit, so for them only the total
+(`max_connections`) matters, and asking the master about each one cost a round trip per
+connection (the master's busiest work under load). The master therefore lends each worker
+a block of slots of the total (`quota_block`); the worker admits trusted clients from its
+block without asking and returns what it does not need. The sum of slots lent plus the
+sessions counted one by one never exceeds `max_connections`; the price is that up to one
+block per worker may sit unused while another worker is refused.
 """
 
 from __future__ import annotations
@@ -26,16 +34,39 @@ class Admission(Protocol):
         """A session that was admitted has ended."""
 
 
+def quota_block(max_connections: int) -> int:
+    """Slots lent to a worker at a time: small against the limit (a few percent), and 1
+    (exact counting, a round trip per connection) when the limit itself is small."""
+    return max(1, min(64, max_connections // 64))
+
+
 class ConnectionCounter:
-    """Open sessions by owner (a worker), service and client address."""
+    """Open sessions by owner (a worker), service and client address, plus the blocks of
+    SMTP slots lent to owners for their trusted clients."""
 
     def __init__(self, limits: SmtpSettings) -> None:
         self.limits = limits
         self._by_owner: dict[str, Counter[tuple[str, str]]] = {}
+        self._lent: dict[str, int] = {}  # slots lent, by owner
+        self._lent_in_use: dict[str, int] = {}  # of those, in use at the owner's last report
+
+    def lend(self, owner: str, wanted: int, in_use: int) -> int:
+        """Lend up to `wanted` more SMTP slots to `owner`; returns how many."""
+        self._lent_in_use[owner] = in_use
+        free = self.limits.max_connections - self._count(lambda s, a: s in SMTP_SERVICES) \
+            - sum(self._lent.values())
+        granted = max(0, min(wanted, free))
+        self._lent[owner] = self._lent.get(owner, 0) + granted
+        return granted
+
+    def give_back(self, owner: str, count: int, in_use: int) -> None:
+        self._lent_in_use[owner] = in_use
+        self._lent[owner] = max(0, self._lent.get(owner, 0) - count)
 
     def admit(self, owner: str, service: str, address: str, exempt: bool) -> str:
         if service in SMTP_SERVICES:
-            if self._count(lambda s, a: s in SMTP_SERVICES) >= self.limits.max_connections:
+            if (self._count(lambda s, a: s in SMTP_SERVICES) + sum(self._lent.values())
+                    >= self.limits.max_connections):
                 return "too many connections"
             from_address = self._count(lambda s, a: s in SMTP_SERVICES and a == address)
             if not exempt and from_address >= self.limits.max_connections_per_ip:
@@ -49,13 +80,62 @@ class ConnectionCounter:
             counts[(service, address)] -= 1
 
     def forget(self, owner: str) -> None:
-        """The owner is gone, and its sessions with it."""
+        """The owner is gone, and its sessions (and lent slots) with it."""
         self._by_owner.pop(owner, None)
+        self._lent.pop(owner, None)
+        self._lent_in_use.pop(owner, None)
 
     def _count(self, wanted: Callable[[str, str], bool]) -> int:
         return sum(n for counts in self._by_owner.values()
                    for (service, address), n in counts.items() if wanted(service, address))
 
     def totals(self) -> dict[str, int]:
-        return {"smtp": self._count(lambda s, a: s in SMTP_SERVICES),
+        return {"smtp": self._count(lambda s, a: s in SMTP_SERVICES)
+                + sum(self._lent_in_use.values()),
                 "pop3": self._count(lambda s, a: s not in SMTP_SERVICES)}
+
+
+class LentSlots:
+    """A worker's side of the lending: trusted SMTP clients are admitted from slots the
+    master lent, with no round trip; more are asked for when they run out, and spare ones
+    go back once more than a block is idle."""
+
+    def __init__(self, block: int, ask: Callable[[int, int], defer.Deferred[int]],
+                 give_back: Callable[[int, int], None]) -> None:
+        self.block = block
+        self._ask, self._give_back = ask, give_back
+        self.slots = 0  # lent to us
+        self.in_use = 0
+        self._reported = 0  # in_use as the master last heard it
+
+    def report(self) -> None:
+        """Tell the master how many lent slots are busy, if that changed (for `status`)."""
+        if self.in_use != self._reported:
+            self._reported = self.in_use
+            self._give_back(0, self.in_use)
+
+    def take(self) -> defer.Deferred[bool]:
+        """Fires True with a slot taken, False when the total limit is reached."""
+        if self.in_use < self.slots:
+            self.in_use += 1
+            return defer.succeed(True)
+
+        def lent(granted: int) -> bool:
+            self.slots += granted
+            if self.in_use < self.slots:
+                self.in_use += 1
+                return True
+            return False
+
+        self._reported = self.in_use
+        return self._ask(self.block, self.in_use).addCallback(lent)
+
+    def put_back(self) -> None:
+        self.in_use -= 1
+        # Keep up to a block spare for the next clients; with blocks of one (a small limit,
+        # counted exactly) keep none, so no other worker is refused for a slot idle here.
+        keep = self.block if self.block > 1 else 0
+        if (spare := self.slots - self.in_use) > keep:
+            self.slots -= spare - keep
+            self._reported = self.in_use
+            self._give_back(spare - keep, self.in_use)

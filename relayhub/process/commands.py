@@ -41,3 +41,18 @@ class Release(amp.Command):
 
     arguments: ClassVar[ArgumentList] = [(b"service", amp.Unicode()), (b"address", amp.Unicode())]
     requiresAnswer = False
+
+
+class Lend(amp.Command):
+    """Worker → master: lend me up to `wanted` SMTP slots for trusted clients (see
+    relayhub.admission); `in_use` is how many of my lent slots are busy, for `status`."""
+
+    arguments: ClassVar[ArgumentList] = [(b"wanted", amp.Integer()), (b"in_use", amp.Integer())]
+    response: ClassVar[ArgumentList] = [(b"granted", amp.Integer())]
+
+
+class GiveBack(amp.Command):
+    """Worker → master: these lent slots are spare again; `in_use` as for Lend."""
+
+    arguments: ClassVar[ArgumentList] = [(b"count", amp.Integer()), (b"in_use", amp.Integer())]
+    requiresAnswer = False

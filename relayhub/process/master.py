@@ -43,6 +43,15 @@ class _ChildLocator(amp.CommandLocator):
         return {"refusal": self.master.admission.admit(self.child.spec.name, service,
                                                        address, exempt)}
 
+    @commands.Lend.responder
+    def lend(self, wanted: int, in_use: int) -> dict[str, int]:
+        return {"granted": self.master.admission.lend(self.child.spec.name, wanted, in_use)}
+
+    @commands.GiveBack.responder
+    def give_back(self, count: int, in_use: int) -> dict[str, int]:
+        self.master.admission.give_back(self.child.spec.name, count, in_use)
+        return {}
+
     @commands.Release.responder
     def release(self, service: str, address: str) -> dict[str, str]:
         self.master.admission.release(self.child.spec.name, service, address)

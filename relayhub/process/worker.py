@@ -4,6 +4,7 @@ queues what it accepts, and tells the master about new mail and about each sessi
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -11,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from relayhub.admission import SMTP_SERVICES, LentSlots, quota_block
 from relayhub.config import Settings
 from relayhub.directory import Directory
 from relayhub.pop3.server import POP3Factory
@@ -24,20 +26,47 @@ _LOG = Logger(namespace="relayhub.worker")
 
 # While draining, how often to look whether the last sessions have ended.
 DRAIN_POLL = 0.2
+# How often the count of trusted sessions reaches the master (when it changed).
+SESSION_REPORT_INTERVAL = 1.0
 
 
 class MasterAdmission:
-    """Connection limits counted by the master across every worker."""
+    """Connection limits counted by the master across every worker; trusted SMTP clients
+    are admitted from slots the master lent us (relayhub.admission)."""
 
-    def __init__(self, channel: child.MasterChannel) -> None:
+    def __init__(self, channel: child.MasterChannel, max_connections: int) -> None:
         self.channel = channel
+        self.lent = LentSlots(quota_block(max_connections), self._ask, self._give_back)
+        self._from_lent: Counter[tuple[str, str]] = Counter()  # sessions using lent slots
+
+    def _ask(self, wanted: int, in_use: int) -> defer.Deferred[int]:
+        answer: defer.Deferred[dict[str, int]] = self.channel.callRemote(
+            commands.Lend, wanted=wanted, in_use=in_use)
+        return answer.addCallback(lambda reply: reply["granted"])
+
+    def _give_back(self, count: int, in_use: int) -> None:
+        self.channel.callRemote(commands.GiveBack, count=count, in_use=in_use)
 
     def admit(self, service: str, address: str, exempt: bool) -> defer.Deferred[str]:
+        if exempt and service in SMTP_SERVICES:
+            def taken(ok: bool) -> str:
+                if not ok:
+                    return "too many connections"
+                self._from_lent[(service, address)] += 1
+                return ""
+
+            return self.lent.take().addCallback(taken)
         answer: defer.Deferred[dict[str, str]] = self.channel.callRemote(
             commands.Admit, service=service, address=address, exempt=exempt)
         return answer.addCallback(lambda reply: reply["refusal"])
 
     def release(self, service: str, address: str) -> None:
+        if self._from_lent[(service, address)] > 0:
+            self._from_lent[(service, address)] -= 1
+            if not self._from_lent[(service, address)]:
+                del self._from_lent[(service, address)]
+            self.lent.put_back()
+            return
         self.channel.callRemote(commands.Release, service=service, address=address)
 
 
@@ -54,10 +83,11 @@ class WorkerProcess(MultiService):
         self.pop3: dict[str, POP3Factory] = {}
         self.ports: list[Any] = []
         self.tls_options: Any = None
+        self._report_sessions: task.LoopingCall | None = None
 
     def startService(self) -> None:
         channel = child.connect_master(self.reactor)
-        admission = MasterAdmission(channel)
+        admission = MasterAdmission(channel, self.settings.smtp.max_connections)
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.
         try:
@@ -85,6 +115,10 @@ class WorkerProcess(MultiService):
                                   implicit_tls=service == "pop3s", on_session=pop3_session)
             for service in ("pop3", "pop3s")
         }
+        # `relayhubctl status` counts trusted sessions from these reports.
+        self._report_sessions = task.LoopingCall(admission.lent.report)
+        self._report_sessions.clock = self.reactor
+        self._report_sessions.start(SESSION_REPORT_INTERVAL, now=False)
         super().startService()
         # Accept only once the store is open: a session must never find it missing.
         self.store.open().addCallbacks(self._adopt, self._cannot_open)
@@ -121,6 +155,8 @@ class WorkerProcess(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         """Stop accepting at once (the other workers and the next generation go on); open
         sessions get until shutdown_grace to end, then SMTP ones get 421 (SPEC §9)."""
+        if self._report_sessions is not None and self._report_sessions.running:
+            self._report_sessions.stop()
         stopped = listeners.close_all(self.ports)
         stopped.addCallback(lambda _: defer.Deferred.fromCoroutine(
             self._drain(self.settings.server.shutdown_grace)))
