@@ -4,6 +4,7 @@ exit when the master goes away or sends SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -26,11 +27,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayhub.config import Settings, settings_from_text
+from relayhub.jsonlog import ChildJsonObserver
+from relayhub.metrics import MetricsObserver, ProcessMetrics
+from relayhub.process import commands
 
 # File descriptor of the AMP channel to the master (see relayhub.process.supervisor).
 MASTER_FD = 3
 # Between the source line and the configuration text on stdin.
 SOURCE_END = "\n"
+# The master's [log] format, "text" or "json", in the child's environment: the master reads
+# what its children write, so the two must agree even after a reload changed the file.
+LOG_FORMAT_VARIABLE = "RELAYHUB_LOG_FORMAT"
 
 
 def read_settings(stdin: TextIO) -> Settings:
@@ -59,10 +66,26 @@ class LineLogObserver:
         self.out.flush()
 
 
-def start_logging() -> None:
-    observer = FilteringLogObserver(
-        LineLogObserver(sys.stdout), [LogLevelFilterPredicate(LogLevel.info)])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+def start_logging(metrics: ProcessMetrics) -> None:
+    lines: ILogObserver = (ChildJsonObserver(sys.stdout)
+                           if os.environ.get(LOG_FORMAT_VARIABLE) == "json"
+                           else LineLogObserver(sys.stdout))
+    observer = FilteringLogObserver(lines, [LogLevelFilterPredicate(LogLevel.info)])
+    # Metrics count events of every level, so they see them unfiltered.
+    globalLogBeginner.beginLoggingTo([observer, MetricsObserver(metrics)],
+                                     redirectStandardIO=False)
+
+
+class ChildLocator(amp.CommandLocator):
+    """What the master may ask of every child; a child type adds its own commands."""
+
+    def __init__(self, metrics: ProcessMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    @commands.Metrics.responder
+    def report_metrics(self) -> dict[str, str] | defer.Deferred[dict[str, str]]:
+        return {"samples": json.dumps(self.metrics.samples())}
 
 
 class MasterChannel(amp.AMP):
@@ -96,13 +119,14 @@ def _stop(reactor: Any) -> None:
         reactor.stop()
 
 
-def run(build: Callable[[Settings, Any], IService]) -> None:
+def run(build: Callable[[Settings, Any, ProcessMetrics], IService]) -> None:
     """Read settings, build the service, run it until SIGTERM or the master's end."""
     from twisted.internet import reactor
 
     settings = read_settings(sys.stdin)
-    start_logging()
-    service = build(settings, reactor)
+    metrics = ProcessMetrics()
+    start_logging(metrics)
+    service = build(settings, reactor, metrics)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(service.stopService))

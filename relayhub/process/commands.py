@@ -41,3 +41,10 @@ class Release(amp.Command):
 
     arguments: ClassVar[ArgumentList] = [(b"service", amp.Unicode()), (b"address", amp.Unicode())]
     requiresAnswer = False
+
+
+class Metrics(amp.Command):
+    """Master → child: this process's metric samples, as JSON (relayhub.metrics); the
+    master adds up every process's for /metrics. A few kilobytes, well under AMP's limit."""
+
+    response: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]

@@ -21,7 +21,7 @@ from twisted.protocols import amp
 from relayhub import control
 from relayhub.admission import ConnectionCounter
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
-from relayhub.process import commands, listeners, sockets
+from relayhub.process import commands, listeners, scrape, sockets
 from relayhub.process.supervisor import ChildSpec, SupervisedChild
 
 _LOG = Logger(namespace="relayhub.master")
@@ -70,6 +70,10 @@ class MasterService(Service):
         self._generation = 0
         self._started_at = 0.0
         self._control_port: Any = None
+        self.collector = scrape.MetricsCollector(reactor)
+        self._metrics_ports: list[Any] = []
+        # Fixed for this run: children write what the master's log observer expects.
+        self._log_format = settings.log.format
         self._uid, self._gid = self._service_user()
 
     # -- start ---------------------------------------------------------------------
@@ -94,6 +98,8 @@ class MasterService(Service):
             self.bound.append(sockets.bind(self.reactor, spec, self.settings.server.workers))
             _LOG.info("{service} listening on {endpoint}", service=spec.service,
                       endpoint=spec.description)
+        self._metrics_ports = scrape.listen(self.reactor, self.settings.metrics.listen,
+                                            self.collector)
 
     def startService(self) -> None:
         super().startService()
@@ -147,11 +153,16 @@ class MasterService(Service):
     def _spawn(self, spec: ChildSpec) -> SupervisedChild:
         child = SupervisedChild(
             self.reactor, spec, self.config, uid=self._uid, gid=self._gid,
-            locator_factory=lambda c: _ChildLocator(self, c),
-            # A dead worker's sessions died with it; stop counting them.
-            on_exit=lambda c: self.admission.forget(c.spec.name))
+            locator_factory=lambda c: _ChildLocator(self, c), on_exit=self._exited,
+            log_format=self._log_format)
         child.start()
+        self.collector.started(child)
         return child
+
+    def _exited(self, child: SupervisedChild) -> None:
+        # A dead worker's sessions died with it; stop counting them.
+        self.admission.forget(child.spec.name)
+        self.collector.exited(child)
 
     # -- what children and the control socket ask ----------------------------------
 
@@ -186,7 +197,8 @@ class MasterService(Service):
             for problem in error.problems:
                 _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
             return defer.succeed(list(error.problems))
-        if listeners.listener_specs(settings) != [bound.spec for bound in self.bound]:
+        if (listeners.listener_specs(settings) != [bound.spec for bound in self.bound]
+                or settings.metrics != self.settings.metrics or settings.log != self.settings.log):
             _LOG.warn("listener changes take effect at the next restart; other changes now")
         self.config, self.settings = config, settings
         self.admission.limits = settings.smtp
@@ -218,6 +230,8 @@ class MasterService(Service):
         if self._control_port is not None:
             stopping.addBoth(lambda _: self._control_port.stopListening())
         stopping.addBoth(lambda _: self._close_listeners())
+        stopping.addBoth(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in self._metrics_ports]))
         return stopping.addBoth(lambda _: None)
 
     def _close_listeners(self) -> None:

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from relayhub.config import Settings
 from relayhub.directory import Directory
+from relayhub.metrics import ProcessMetrics
 from relayhub.pop3.server import POP3Factory
 from relayhub.pop3.service import pop3_factory
 from relayhub.process import child, commands, listeners
@@ -42,10 +43,11 @@ class MasterAdmission:
 
 
 class WorkerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        self.metrics = metrics
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
@@ -56,7 +58,7 @@ class WorkerProcess(MultiService):
         self.tls_options: Any = None
 
     def startService(self) -> None:
-        channel = child.connect_master(self.reactor)
+        channel = child.connect_master(self.reactor, child.ChildLocator(self.metrics))
         admission = MasterAdmission(channel)
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.
@@ -75,6 +77,7 @@ class WorkerProcess(MultiService):
         def pop3_session(address: str, opened: bool) -> None:
             # Counted by the master for `status`; POP3 has no cross-worker limit of its own.
             if opened:
+                self.metrics.connections.labels("pop3").inc()
                 admission.admit("pop3", address, True)
             else:
                 admission.release("pop3", address)
