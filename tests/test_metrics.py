@@ -202,6 +202,27 @@ def test_metrics_of_a_running_daemon(tmp_path: Path) -> None:
         hub.stop()
 
 
+def test_a_reload_loses_no_count(tmp_path: Path) -> None:
+    """The old children of a reload hand their last counts to the master as they stop,
+    though nobody scraped since they counted them."""
+    port = free_port()
+    hub = Hub(tmp_path, {"metrics": {"listen": [f"tcp:{port}:interface=127.0.0.1"]}}).start()
+    try:
+        hub.send(["postmaster@localhost"])
+        hub.wait(lambda: hub.mailbox("postmaster"))
+        hub.wait_for_log("status=sent")
+        assert hub.process is not None
+        hub.process.send_signal(signal.SIGHUP)
+        hub.wait_for_log("worker-1.1 stopped", "queue-manager stopped", "started worker-1.2")
+        samples = scrape(port)
+        assert value(samples, "relayhub_messages_accepted_total") == 1
+        assert value(samples, "relayhub_deliveries_total", status="sent", next_hop="local") == 1
+        assert value(samples, "relayhub_child_restarts_total", role="worker") == 0
+        assert value(samples, "relayhub_child_restarts_total", role="queue-manager") == 0
+    finally:
+        hub.stop()
+
+
 def _greets(hub: Hub) -> bool:
     try:
         with smtplib.SMTP("127.0.0.1", hub.smtp_port, timeout=5) as client:

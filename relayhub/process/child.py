@@ -38,6 +38,8 @@ SOURCE_END = "\n"
 # The master's [log] format, "text" or "json", in the child's environment: the master reads
 # what its children write, so the two must agree even after a reload changed the file.
 LOG_FORMAT_VARIABLE = "RELAYHUB_LOG_FORMAT"
+# How long a stopping child waits for the master to take its last metrics.
+FINAL_REPORT_TIMEOUT = 2.0
 
 
 def read_settings(stdin: TextIO) -> Settings:
@@ -82,10 +84,21 @@ class ChildLocator(amp.CommandLocator):
     def __init__(self, metrics: ProcessMetrics) -> None:
         super().__init__()
         self.metrics = metrics
+        self.channel: MasterChannel | None = None  # set by connect_master
+        self.reactor: Any = None
 
     @commands.Metrics.responder
     def report_metrics(self) -> dict[str, str] | defer.Deferred[dict[str, str]]:
         return {"samples": json.dumps(self.metrics.samples())}
+
+    def report_final(self) -> defer.Deferred[None]:
+        """Give the master this process's last counts; a stopping child calls this last."""
+        if self.channel is None:
+            return defer.succeed(None)
+        sent: defer.Deferred[object] = self.channel.callRemote(
+            commands.FinalMetrics, samples=json.dumps(self.metrics.samples()))
+        sent.addTimeout(FINAL_REPORT_TIMEOUT, self.reactor)
+        return sent.addBoth(lambda _: None)  # a master that cannot take it has gone
 
 
 class MasterChannel(amp.AMP):
@@ -107,6 +120,8 @@ def connect_master(reactor: Any, locator: Any = None) -> MasterChannel:
     def build() -> MasterChannel:
         protocol = MasterChannel(lambda: _stop(reactor), locator)
         channel.append(protocol)
+        if isinstance(locator, ChildLocator):
+            locator.channel, locator.reactor = protocol, reactor
         return protocol
 
     reactor.adoptStreamConnection(MASTER_FD, socket.AF_UNIX, Factory.forProtocol(build))

@@ -48,3 +48,10 @@ class Metrics(amp.Command):
     master adds up every process's for /metrics. A few kilobytes, well under AMP's limit."""
 
     response: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]
+
+
+class FinalMetrics(amp.Command):
+    """Child → master, as the child stops (a reload's old workers): its last samples, so
+    that what it counted since the last scrape is not lost with it."""
+
+    arguments: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]

@@ -48,6 +48,11 @@ class _ChildLocator(amp.CommandLocator):
         self.master.admission.release(self.child.spec.name, service, address)
         return {}
 
+    @commands.FinalMetrics.responder
+    def final_metrics(self, samples: str) -> dict[str, str]:
+        self.master.collector.reported(self.child, samples)
+        return {}
+
     @commands.NewMail.responder
     def new_mail(self, queue_id: str) -> dict[str, str]:
         self.master.wake()
@@ -199,7 +204,8 @@ class MasterService(Service):
             return defer.succeed(list(error.problems))
         if (listeners.listener_specs(settings) != [bound.spec for bound in self.bound]
                 or settings.metrics != self.settings.metrics or settings.log != self.settings.log):
-            _LOG.warn("listener changes take effect at the next restart; other changes now")
+            _LOG.warn("listener, [metrics] and [log] changes take effect at the next restart; "
+                      "other changes now")
         self.config, self.settings = config, settings
         self.admission.limits = settings.smtp
         old_workers, old_manager = self.workers, self.queue_manager

@@ -50,6 +50,7 @@ class QueueManagerProcess(MultiService):
         super().__init__()
         self.reactor = reactor
         self.metrics = metrics
+        self.locator = _Locator(self)
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
         self.directory.setServiceParent(self)
@@ -68,7 +69,7 @@ class QueueManagerProcess(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        child.connect_master(self.reactor, _Locator(self))
+        child.connect_master(self.reactor, self.locator)
         self.store.open().addCallbacks(
             lambda _: self.manager.startService(), self._cannot_open)
 
@@ -80,6 +81,7 @@ class QueueManagerProcess(MultiService):
         stopped: defer.Deferred[None] = (
             self.manager.stopService() if self.manager.running else defer.succeed(None))
         stopped.addCallback(lambda _: super(QueueManagerProcess, self).stopService())
+        stopped.addCallback(lambda _: self.locator.report_final())
         return stopped.addCallback(lambda _: self.store.close())
 
 

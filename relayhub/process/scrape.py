@@ -4,7 +4,8 @@ At each scrape the master asks every live child for its samples over AMP (the Me
 command; the queue manager counts the queue on its store's thread first), adds its own
 (child restarts) and answers in Prometheus text format. A child that dies takes its
 counters with it, so the master keeps what that child last reported: counters and
-histograms never go backwards, and a kill -9 loses only what happened since the last scrape.
+histograms never go backwards. A child that stops (the old workers of a reload) reports its
+last counts as it goes (FinalMetrics); one killed loses what it counted since the last scrape.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ class MetricsCollector:
             self._reports[child] = []
             self.metrics.child_restarts.labels(child.spec.role).inc()
 
+    def reported(self, child: SupervisedChild, samples: str) -> None:
+        """`child`'s current process counted this (JSON from ProcessMetrics.samples)."""
+        if child in self._reports:
+            self._reports[child] = [(name, labels, value)
+                                    for name, labels, value in json.loads(samples)]
+
     async def exposition(self) -> bytes:
         asked = [self._ask(child, child.channel)
                  for child in list(self._reports) if child.channel is not None]
@@ -118,9 +125,8 @@ class MetricsCollector:
         def keep(reply: dict[str, str]) -> None:
             # Only from the process that is still this child's: a late answer from one
             # that has died since would count it twice.
-            if child.channel is channel and child in self._reports:
-                self._reports[child] = [(name, labels, value) for name, labels, value
-                                        in json.loads(reply["samples"])]
+            if child.channel is channel:
+                self.reported(child, reply["samples"])
 
         def missed(failure: Failure) -> None:
             # Dying or stopping: its last report stands in for it.

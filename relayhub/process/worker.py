@@ -48,6 +48,7 @@ class WorkerProcess(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.metrics = metrics
+        self.locator = child.ChildLocator(metrics)
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
@@ -58,7 +59,7 @@ class WorkerProcess(MultiService):
         self.tls_options: Any = None
 
     def startService(self) -> None:
-        channel = child.connect_master(self.reactor, child.ChildLocator(self.metrics))
+        channel = child.connect_master(self.reactor, self.locator)
         admission = MasterAdmission(channel)
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.
@@ -128,6 +129,7 @@ class WorkerProcess(MultiService):
         stopped.addCallback(lambda _: defer.Deferred.fromCoroutine(
             self._drain(self.settings.server.shutdown_grace)))
         stopped.addCallback(lambda _: super(WorkerProcess, self).stopService())
+        stopped.addCallback(lambda _: self.locator.report_final())
         return stopped.addCallback(lambda _: self.store.close())
 
     async def _drain(self, grace: float) -> None:
