@@ -3,7 +3,9 @@ workers and the queue manager as children under `[server].user`, counts connecti
 across workers, serves the control socket, and handles SIGHUP (reload) and SIGTERM.
 
 Like Postfix's master it keeps root when started as root, so that a reload can start new
-children as the service user; it never parses client input itself.
+children as the service user; it never parses mail clients' input itself. The one thing it
+answers on the network is /metrics ([metrics] listen, relayhub.process.scrape): a GET on a
+loopback or management address, parsed by Twisted's HTTP server.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class _MetricsPage(Resource):
         return NOT_DONE_YET
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
     """No access log line per scrape."""
 
     noisy = False
@@ -183,7 +183,7 @@ class _QuietSite(Site):
 def site(collector: MetricsCollector) -> Site:
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(collector))
-    return _QuietSite(root)
+    return MetricsSite(root)
 
 
 def listen(reactor: Any, descriptions: Sequence[str], collector: MetricsCollector) -> list[Any]:
