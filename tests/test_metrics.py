@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ def test_metrics_of_a_running_daemon(tmp_path: Path) -> None:
         "metrics": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
         # 127.0.0.1 is not trusted here, so relaying from it is refused.
         "domains": {"trusted_networks": ["127.0.0.2/32"]},
+        # Nothing listens there: mail for relay.example waits in the queue.
+        "routing": {"transport": {"relay.example": f"[127.0.0.1]:{free_port()}"}},
     }).start()
     try:
         before = scrape(port)
@@ -167,17 +170,28 @@ def test_metrics_of_a_running_daemon(tmp_path: Path) -> None:
             client.mail("someone@example.org")
             assert client.rcpt("x@remote.example")[0] == 554
         hub.wait_for_log("Relay access denied")
+        hub.send(["someone@relay.example"])
+        hub.wait_for_log("status=deferred")
+        with socket.create_connection(("127.0.0.1", hub.pop3_port), timeout=10) as pop3:
+            assert pop3.recv(512).startswith(b"+OK")
+            pop3.sendall(b"QUIT\r\n")
+            assert pop3.recv(512).startswith(b"+OK")
 
         flowing = scrape(port)
-        assert value(flowing, "relayhub_messages_accepted_total") == 1
-        assert value(flowing, "relayhub_connections_total", service="smtp") >= 2
+        assert value(flowing, "relayhub_messages_accepted_total") == 2
+        assert value(flowing, "relayhub_connections_total", service="smtp") >= 3
+        assert value(flowing, "relayhub_connections_total", service="pop3") == 1
         assert value(flowing, "relayhub_messages_rejected_total", reason="relay_denied") == 1
         assert value(flowing, "relayhub_deliveries_total", status="sent", next_hop="local") == 1
-        assert value(flowing, "relayhub_accept_latency_seconds_count") == 1
+        assert value(flowing, "relayhub_deliveries_total", status="deferred",
+                     next_hop="transport") == 1
+        assert value(flowing, "relayhub_accept_latency_seconds_count") == 2
         assert value(flowing, "relayhub_delivery_latency_seconds_count") == 1
-        assert value(flowing, "relayhub_queue_messages") == 0
+        # The deferred message is the queue.
+        assert value(flowing, "relayhub_queue_messages") == 1
+        assert value(flowing, "relayhub_queue_recipients", state="deferred") == 1
         assert value(flowing, "relayhub_queue_recipients", state="queued") == 0
-        assert value(flowing, "relayhub_queue_oldest_age_seconds") == 0
+        assert value(flowing, "relayhub_queue_oldest_age_seconds") > 0
 
         # kill -9 of the worker: the master counts the restart and keeps what the dead
         # worker had reported, so no counter goes backwards.
@@ -190,12 +204,12 @@ def test_metrics_of_a_running_daemon(tmp_path: Path) -> None:
         for key, old in flowing.items():
             if key[0].endswith(("_total", "_count", "_sum", "_bucket")):
                 assert after[key] >= old, key
-        assert value(after, "relayhub_messages_accepted_total") == 1
+        assert value(after, "relayhub_messages_accepted_total") == 2
         hub.wait(lambda: _greets(hub))
         hub.send(["postmaster@localhost"])
         hub.wait(lambda: len(hub.mailbox("postmaster")) == 2)
         again = scrape(port)
-        assert value(again, "relayhub_messages_accepted_total") == 2
+        assert value(again, "relayhub_messages_accepted_total") == 3
         assert value(again, "relayhub_connections_total", service="smtp") > value(
             after, "relayhub_connections_total", service="smtp")
     finally:
