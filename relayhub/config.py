@@ -154,6 +154,11 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: tuple[str, ...]  # endpoints serving Prometheus text format at /metrics
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str  # the file the settings came from, or BUILTIN_SOURCE
     server: ServerSettings
@@ -167,6 +172,7 @@ class Settings:
     pop3: Pop3Settings
     queue: QueueSettings
     log: LogSettings
+    metrics: MetricsSettings
 
 
 # --------------------------------------------------------------------------- value syntax
@@ -607,6 +613,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "dsn": (_string, ""),
     }),
     "log": (LogSettings, {"format": (_choice("text", "json"), "text")}),
+    "metrics": (MetricsSettings, {"listen": (_ENDPOINTS, [])}),
 })
 
 
@@ -631,7 +638,7 @@ def _key_pair_problems(certificate: Path, private_key: Path | None) -> list[tupl
 def _cross_checks(values: _Values) -> list[tuple[str, str]]:
     """Problems that involve more than one key, as (key, why); skips keys that failed."""
     smtp, pop3, tls, domains = values["smtp"], values["pop3"], values["tls"], values["domains"]
-    delivery, queue, log = values["delivery"], values["queue"], values["log"]
+    delivery, queue = values["delivery"], values["queue"]
     problems = [
         ("domains.relay", f"{_quote(name)} is also in domains.local (a domain is one or the other)")
         for name in domains.get("relay", ())
@@ -647,9 +654,6 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
     if queue.get("backend") == "postgresql":
         problems.append(("queue.backend", '"postgresql" is not available in this version of '
                                           'relayhub; use "sqlite"'))
-    if log.get("format") == "json":
-        problems.append(("log.format", '"json" is not available in this version of relayhub; '
-                                       'use "text"'))
     if tls.get("private_key") and "certificate" in tls and tls["certificate"] is None:
         problems.append(("tls.private_key", "is set but tls.certificate is not"))
     if tls.get("certificate") and "private_key" in tls:

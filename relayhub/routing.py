@@ -70,6 +70,22 @@ class Router:
             return SmtpRoute(NextHop(ip, None, mx=False), "literal")
         return SmtpRoute(NextHop(domain, None, mx=True), "mx")
 
+    def next_hop_class(self, address: str) -> str:
+        """For metrics: "local", "transport", "relayhost", "relay" (a relay domain by MX)
+        or "mx" (any other domain, or an address literal)."""
+        try:
+            route = self.route(address)
+        except ValueError:
+            return "mx"
+        if isinstance(route, LocalRoute):
+            return "local"
+        if route.reason == "relayhost":
+            return "relayhost"
+        if route.reason in ("mx", "literal"):
+            domain = parse_mailbox(address).domain
+            return "relay" if self._policy.classify_domain(domain) == "relay" else "mx"
+        return "transport"
+
 
 def group_key(route: Route) -> str:
     """Recipients with equal keys share one delivery transaction: "local", or the next hop."""

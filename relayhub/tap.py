@@ -11,6 +11,8 @@ from twisted.python import usage
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.process.master import MasterService
 
+JSON_OBSERVER = "relayhub.jsonlog.master_observer"
+
 
 class Options(usage.Options):
     synopsis = "[-c CONFIG]"
@@ -33,6 +35,10 @@ class Options(usage.Options):
             # One line per problem and exit 1; a traceback helps no administrator here.
             sys.stderr.write(f"{error}\n")
             raise SystemExit(1) from None
+        if self.settings.log.format == "json" and self.parent is not None:
+            # twistd's own --logger option (a name it imports after this): the master's
+            # log becomes JSON lines.
+            self.parent["logger"] = self.parent.get("logger") or JSON_OBSERVER
 
 
 def makeService(options: Options) -> MasterService:

@@ -169,6 +169,7 @@ def test_builtin_defaults(tmp_path: Path) -> None:
     assert settings.pop3.apop is False
     assert (settings.queue.backend, settings.queue.dsn) == ("sqlite", "")
     assert settings.log.format == "text"
+    assert settings.metrics.listen == ()
     assert settings == parse_settings({}, BUILTIN_SOURCE)
 
 
@@ -262,6 +263,9 @@ backend = "sqlite"
 
 [log]
 format = "text"
+
+[metrics]
+listen = []                            # e.g. ["tcp:9325:interface=127.0.0.1"]: Prometheus /metrics
 """
 
 
@@ -402,8 +406,11 @@ BAD_CASES = [
     ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port: must be 1 to 65535, not 70000"),
     ('[queue]\nbackend = "postgresql"\ndsn = "dbname=q"\n',
      'queue.backend: "postgresql" is not available in this version of relayhub; use "sqlite"'),
-    ('[log]\nformat = "json"\n',
-     'log.format: "json" is not available in this version of relayhub; use "text"'),
+    ('[metrics]\nlisten = ["tcp:metrics"]\n',
+     'metrics.listen[0]: "tcp:metrics" is not a valid endpoint: invalid literal for int() '
+     "with base 10: 'metrics'"),
+    ('[metrics]\nlisten = "tcp:9325"\n',
+     'metrics.listen: expected an array, found string "tcp:9325"'),
     ('[queue]\nbackend = "mysql"\n', 'queue.backend: "mysql" is not one of "sqlite", "postgresql"'),
     ('[log]\nformat = "xml"\n', 'log.format: "xml" is not one of "text", "json"'),
     ('[tls]\ncertificate = "missing.pem"\n',
@@ -418,6 +425,13 @@ def test_bad_configuration(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "relayhub.toml"
     expected = f"{path}: " + problem.replace("{dir}", str(tmp_path))
     assert problems_of(tmp_path, text) == [expected]
+
+
+def test_metrics_and_json_log(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[metrics]\nlisten = ["tcp:9325:interface=127.0.0.1"]'
+                                             '\n\n[log]\nformat = "json"\n'))
+    assert settings.metrics.listen == ("tcp:9325:interface=127.0.0.1",)
+    assert settings.log.format == "json"
 
 
 def test_private_key_without_certificate(tmp_path: Path) -> None:
@@ -538,4 +552,4 @@ def test_twistd_refuses_bad_config(tmp_path: Path) -> None:
 def test_settings_type_is_exported() -> None:
     assert [f.name for f in dataclasses.fields(Settings)] == [
         "source", "server", "smtp", "tls", "domains", "routing", "delivery", "aliases",
-        "users", "pop3", "queue", "log"]
+        "users", "pop3", "queue", "log", "metrics"]

@@ -5,6 +5,7 @@ exit when the master goes away or sends SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -29,13 +30,23 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayhub.config import Settings, settings_from_text
+from relayhub.jsonlog import ChildJsonObserver
+from relayhub.metrics import MetricsObserver, ProcessMetrics
+from relayhub.process import commands
 
 # File descriptor of the AMP channel to the master (see relayhub.process.supervisor).
 MASTER_FD = 3
-# The child's name in the log ("worker-1"), set by the master (relayhub.process.supervisor).
+# The child's name and role in the log ("worker-1", "worker"), set by the master
+# (relayhub.process.supervisor).
 LOG_NAME_VARIABLE = "RELAYHUB_CHILD_NAME"
+LOG_ROLE_VARIABLE = "RELAYHUB_CHILD_ROLE"
 # Between the source line and the configuration text on stdin.
 SOURCE_END = "\n"
+# The master's [log] format, "text" or "json", in the child's environment: the master reads
+# what its children write, so the two must agree even after a reload changed the file.
+LOG_FORMAT_VARIABLE = "RELAYHUB_LOG_FORMAT"
+# How long a stopping child waits for the master to take its last metrics.
+FINAL_REPORT_TIMEOUT = 2.0
 
 
 def read_settings(stdin: TextIO) -> Settings:
@@ -92,12 +103,40 @@ def _format(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
-def start_logging() -> None:
-    observer = FilteringLogObserver(
-        LineLogObserver(sys.stdout.fileno(), os.environ.get(LOG_NAME_VARIABLE, "child"),
-                        os.getpid()),
-        [LogLevelFilterPredicate(LogLevel.info)])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+def start_logging(metrics: ProcessMetrics) -> None:
+    name = os.environ.get(LOG_NAME_VARIABLE, "child")
+    lines: ILogObserver = (
+        ChildJsonObserver(sys.stdout.fileno(), name, os.environ.get(LOG_ROLE_VARIABLE, ""),
+                          os.getpid())
+        if os.environ.get(LOG_FORMAT_VARIABLE) == "json"
+        else LineLogObserver(sys.stdout.fileno(), name, os.getpid()))
+    observer = FilteringLogObserver(lines, [LogLevelFilterPredicate(LogLevel.info)])
+    # Metrics count events of every level, so they see them unfiltered.
+    globalLogBeginner.beginLoggingTo([observer, MetricsObserver(metrics)],
+                                     redirectStandardIO=False)
+
+
+class ChildLocator(amp.CommandLocator):
+    """What the master may ask of every child; a child type adds its own commands."""
+
+    def __init__(self, metrics: ProcessMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.channel: MasterChannel | None = None  # set by connect_master
+        self.reactor: Any = None
+
+    @commands.Metrics.responder
+    def report_metrics(self) -> dict[str, str] | defer.Deferred[dict[str, str]]:
+        return {"samples": json.dumps(self.metrics.samples())}
+
+    def report_final(self) -> defer.Deferred[None]:
+        """Give the master this process's last counts; a stopping child calls this last."""
+        if self.channel is None:
+            return defer.succeed(None)
+        sent: defer.Deferred[object] = self.channel.callRemote(
+            commands.FinalMetrics, samples=json.dumps(self.metrics.samples()))
+        sent.addTimeout(FINAL_REPORT_TIMEOUT, self.reactor)
+        return sent.addBoth(lambda _: None)  # a master that cannot take it has gone
 
 
 class MasterChannel(amp.AMP):
@@ -119,6 +158,8 @@ def connect_master(reactor: Any, locator: Any = None) -> MasterChannel:
     def build() -> MasterChannel:
         protocol = MasterChannel(lambda: _stop(reactor), locator)
         channel.append(protocol)
+        if isinstance(locator, ChildLocator):
+            locator.channel, locator.reactor = protocol, reactor
         return protocol
 
     reactor.adoptStreamConnection(MASTER_FD, socket.AF_UNIX, Factory.forProtocol(build))
@@ -131,13 +172,14 @@ def _stop(reactor: Any) -> None:
         reactor.stop()
 
 
-def run(build: Callable[[Settings, Any], IService]) -> None:
+def run(build: Callable[[Settings, Any, ProcessMetrics], IService]) -> None:
     """Read settings, build the service, run it until SIGTERM or the master's end."""
     from twisted.internet import reactor
 
     settings = read_settings(sys.stdin)
-    start_logging()
-    service = build(settings, reactor)
+    metrics = ProcessMetrics()
+    start_logging(metrics)
+    service = build(settings, reactor, metrics)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(service.stopService))

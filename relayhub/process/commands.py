@@ -56,3 +56,17 @@ class GiveBack(amp.Command):
 
     arguments: ClassVar[ArgumentList] = [(b"count", amp.Integer()), (b"in_use", amp.Integer())]
     requiresAnswer = False
+
+
+class Metrics(amp.Command):
+    """Master → child: this process's metric samples, as JSON (relayhub.metrics); the
+    master adds up every process's for /metrics. A few kilobytes, well under AMP's limit."""
+
+    response: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]
+
+
+class FinalMetrics(amp.Command):
+    """Child → master, as the child stops (a reload's old workers): its last samples, so
+    that what it counted since the last scrape is not lost with it."""
+
+    arguments: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]

@@ -3,7 +3,9 @@ workers and the queue manager as children under `[server].user`, counts connecti
 across workers, serves the control socket, and handles SIGHUP (reload) and SIGTERM.
 
 Like Postfix's master it keeps root when started as root, so that a reload can start new
-children as the service user; it never parses client input itself.
+children as the service user; it never parses mail clients' input itself. The one thing it
+answers on the network is /metrics ([metrics] listen, relayhub.process.scrape): a GET on a
+loopback or management address, parsed by Twisted's HTTP server.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from twisted.protocols import amp
 from relayhub import control
 from relayhub.admission import ConnectionCounter
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
-from relayhub.process import commands, listeners, sockets
+from relayhub.process import commands, listeners, scrape, sockets
 from relayhub.process.supervisor import ChildSpec, SupervisedChild
 
 _LOG = Logger(namespace="relayhub.master")
@@ -57,6 +59,11 @@ class _ChildLocator(amp.CommandLocator):
         self.master.admission.release(self.child.spec.name, service, address)
         return {}
 
+    @commands.FinalMetrics.responder
+    def final_metrics(self, samples: str) -> dict[str, str]:
+        self.master.collector.reported(self.child, samples)
+        return {}
+
     @commands.NewMail.responder
     def new_mail(self, queue_id: str) -> dict[str, str]:
         self.master.wake()
@@ -79,6 +86,10 @@ class MasterService(Service):
         self._generation = 0
         self._started_at = 0.0
         self._control_port: Any = None
+        self.collector = scrape.MetricsCollector(reactor)
+        self._metrics_ports: list[Any] = []
+        # Fixed for this run: children write what the master's log observer expects.
+        self._log_format = settings.log.format
         self._uid, self._gid = self._service_user()
 
     # -- start ---------------------------------------------------------------------
@@ -103,6 +114,8 @@ class MasterService(Service):
             self.bound.append(sockets.bind(self.reactor, spec, self.settings.server.workers))
             _LOG.info("{service} listening on {endpoint}", service=spec.service,
                       endpoint=spec.description)
+        self._metrics_ports = scrape.listen(self.reactor, self.settings.metrics.listen,
+                                            self.collector)
 
     def startService(self) -> None:
         super().startService()
@@ -156,11 +169,16 @@ class MasterService(Service):
     def _spawn(self, spec: ChildSpec) -> SupervisedChild:
         child = SupervisedChild(
             self.reactor, spec, self.config, uid=self._uid, gid=self._gid,
-            locator_factory=lambda c: _ChildLocator(self, c),
-            # A dead worker's sessions died with it; stop counting them.
-            on_exit=lambda c: self.admission.forget(c.spec.name))
+            locator_factory=lambda c: _ChildLocator(self, c), on_exit=self._exited,
+            log_format=self._log_format)
         child.start()
+        self.collector.started(child)
         return child
+
+    def _exited(self, child: SupervisedChild) -> None:
+        # A dead worker's sessions died with it; stop counting them.
+        self.admission.forget(child.spec.name)
+        self.collector.exited(child)
 
     # -- what children and the control socket ask ----------------------------------
 
@@ -195,8 +213,10 @@ class MasterService(Service):
             for problem in error.problems:
                 _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
             return defer.succeed(list(error.problems))
-        if listeners.listener_specs(settings) != [bound.spec for bound in self.bound]:
-            _LOG.warn("listener changes take effect at the next restart; other changes now")
+        if (listeners.listener_specs(settings) != [bound.spec for bound in self.bound]
+                or settings.metrics != self.settings.metrics or settings.log != self.settings.log):
+            _LOG.warn("listener, [metrics] and [log] changes take effect at the next restart; "
+                      "other changes now")
         self.config, self.settings = config, settings
         self.admission.limits = settings.smtp
         old_workers, old_manager = self.workers, self.queue_manager
@@ -227,6 +247,8 @@ class MasterService(Service):
         if self._control_port is not None:
             stopping.addBoth(lambda _: self._control_port.stopListening())
         stopping.addBoth(lambda _: self._close_listeners())
+        stopping.addBoth(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in self._metrics_ports]))
         return stopping.addBoth(lambda _: None)
 
     def _close_listeners(self) -> None:

@@ -9,11 +9,11 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from relayhub.config import Settings
 from relayhub.delivery.build import build_queue_manager
 from relayhub.directory import Directory
+from relayhub.metrics import ProcessMetrics
 from relayhub.process import child, commands
 from relayhub.queue.sqlite import SQLiteQueueStore
 
@@ -24,9 +24,9 @@ _LOG = Logger(namespace="relayhub.qmgr")
 ORPHAN_AGE = 3600.0
 
 
-class _Locator(amp.CommandLocator):
+class _Locator(child.ChildLocator):
     def __init__(self, process: QueueManagerProcess) -> None:
-        super().__init__()
+        super().__init__(process.metrics)
         self.process = process
 
     @commands.Wake.responder
@@ -34,11 +34,23 @@ class _Locator(amp.CommandLocator):
         self.process.manager.wake()
         return {}
 
+    @commands.Metrics.responder
+    def report_metrics(self) -> dict[str, str] | defer.Deferred[dict[str, str]]:
+        """With the queue's totals, counted now on the store's thread."""
+        if not self.process.manager.running:
+            return super().report_metrics()
+        now = self.process.reactor.seconds()
+        counted = self.process.store.summary(now).addCallback(self.metrics.set_queue, now)
+        counted.addErrback(lambda failure: _LOG.failure("queue totals failed", failure))
+        return counted.addCallback(lambda _: super(_Locator, self).report_metrics())
+
 
 class QueueManagerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics) -> None:
         super().__init__()
         self.reactor = reactor
+        self.metrics = metrics
+        self.locator = _Locator(self)
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
         self.directory.setServiceParent(self)
@@ -57,7 +69,7 @@ class QueueManagerProcess(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        child.connect_master(self.reactor, _Locator(self))
+        child.connect_master(self.reactor, self.locator)
         self.store.open().addCallbacks(
             lambda _: self.manager.startService(), self._cannot_open)
 
@@ -69,6 +81,7 @@ class QueueManagerProcess(MultiService):
         stopped: defer.Deferred[None] = (
             self.manager.stopService() if self.manager.running else defer.succeed(None))
         stopped.addCallback(lambda _: super(QueueManagerProcess, self).stopService())
+        stopped.addCallback(lambda _: self.locator.report_final())
         return stopped.addCallback(lambda _: self.store.close())
 
 

@@ -18,7 +18,14 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from relayhub.process.child import LOG_NAME_VARIABLE, MASTER_FD, SOURCE_END
+from relayhub import jsonlog
+from relayhub.process.child import (
+    LOG_FORMAT_VARIABLE,
+    LOG_NAME_VARIABLE,
+    LOG_ROLE_VARIABLE,
+    MASTER_FD,
+    SOURCE_END,
+)
 from relayhub.process.listeners import FIRST_LISTENER_FD
 
 _LOG = Logger(namespace="relayhub.master")
@@ -64,10 +71,12 @@ class SupervisedChild:
     def __init__(self, reactor: Any, spec: ChildSpec, config: tuple[str, str | None], *,
                  locator_factory: Callable[[SupervisedChild], Any],
                  on_exit: Callable[[SupervisedChild], None] = lambda child: None,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None,
+                 log_format: str = "text") -> None:
         self.reactor = reactor
         self.spec = spec
         self.config = config
+        self.log_format = log_format
         self.uid, self.gid = uid, gid
         self._locator_factory = locator_factory
         self._on_exit = on_exit
@@ -84,6 +93,11 @@ class SupervisedChild:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def stopping(self) -> bool:
+        """Told to stop: an exit now is the end, not a death to restart."""
+        return self._stopping
+
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # stdout is the master's own: children write finished log lines there themselves
@@ -92,7 +106,9 @@ class SupervisedChild:
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: "r", MASTER_FD: theirs.fileno()}
         for offset, fd in enumerate(self.spec.listener_fds):
             child_fds[FIRST_LISTENER_FD + offset] = fd
-        environment = {**os.environ, **self.spec.environment, LOG_NAME_VARIABLE: self.spec.name}
+        environment = {**os.environ, **self.spec.environment,
+                       LOG_FORMAT_VARIABLE: self.log_format, LOG_NAME_VARIABLE: self.spec.name,
+                       LOG_ROLE_VARIABLE: self.spec.role}
         self._ended = defer.Deferred()
         self.process = self.reactor.spawnProcess(
             _Output(self), sys.executable, [sys.executable, "-m", self.spec.module],
@@ -112,6 +128,9 @@ class SupervisedChild:
     def relay_log(self, line: str, *, from_stderr: bool) -> None:
         """A line the child wrote outside its log (a crash before logging began, stray
         output): passed on as it is, marked with the child's name."""
+        if self.log_format == "json":
+            jsonlog.relay(_LOG, line, child=self.spec.name, role=self.spec.role, pid=self.pid)
+            return
         level = LogLevel.warn if from_stderr else LogLevel.info
         _LOG.emit(level, "{child}[{pid}] {text}", child=self.spec.name, pid=self.pid,
                   text=line)

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from relayhub.admission import SMTP_SERVICES, LentSlots, quota_block
 from relayhub.config import Settings
 from relayhub.directory import Directory
+from relayhub.metrics import ProcessMetrics
 from relayhub.pop3.server import POP3Factory
 from relayhub.pop3.service import pop3_factory
 from relayhub.process import child, commands, listeners
@@ -71,10 +72,12 @@ class MasterAdmission:
 
 
 class WorkerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        self.metrics = metrics
+        self.locator = child.ChildLocator(metrics)
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
@@ -86,7 +89,7 @@ class WorkerProcess(MultiService):
         self._report_sessions: task.LoopingCall | None = None
 
     def startService(self) -> None:
-        channel = child.connect_master(self.reactor)
+        channel = child.connect_master(self.reactor, self.locator)
         admission = MasterAdmission(channel, self.settings.smtp.max_connections)
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.
@@ -105,6 +108,7 @@ class WorkerProcess(MultiService):
         def pop3_session(address: str, opened: bool) -> None:
             # Counted by the master for `status`; POP3 has no cross-worker limit of its own.
             if opened:
+                self.metrics.connections.labels("pop3").inc()
                 admission.admit("pop3", address, True)
             else:
                 admission.release("pop3", address)
@@ -161,6 +165,7 @@ class WorkerProcess(MultiService):
         stopped.addCallback(lambda _: defer.Deferred.fromCoroutine(
             self._drain(self.settings.server.shutdown_grace)))
         stopped.addCallback(lambda _: super(WorkerProcess, self).stopService())
+        stopped.addCallback(lambda _: self.locator.report_final())
         return stopped.addCallback(lambda _: self.store.close())
 
     async def _drain(self, grace: float) -> None:

@@ -650,16 +650,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         )
         size = reader.size
         auth = self._auth
+        ended = self.factory.clock.seconds()
 
         def queued(_: object) -> Reply:
             self._stage = "END-OF-MESSAGE"  # a disconnect now loses nothing
             if auth is None:
                 _LOG.info(maillog.QUEUED, queue_id=incoming.queue_id, sender=envelope.sender,
-                          size=size, nrcpt=len(envelope.recipients), client=self._client_label)
+                          size=size, nrcpt=len(envelope.recipients), client=self._client_label,
+                          accept_seconds=self.factory.clock.seconds() - ended)
             else:
                 _LOG.info(maillog.QUEUED_AUTHENTICATED, queue_id=incoming.queue_id,
                           sender=envelope.sender, size=size, nrcpt=len(envelope.recipients),
-                          client=self._client_label, user=auth[0], method=auth[1])
+                          client=self._client_label, user=auth[0], method=auth[1],
+                          accept_seconds=self.factory.clock.seconds() - ended)
             self.factory.on_queued(incoming.queue_id)
             return (250, "2.0.0", f"Ok: queued as {incoming.queue_id}")
 
