@@ -12,12 +12,12 @@ outside its log (stderr) as an object of its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import string
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -84,20 +84,17 @@ class _Records:
 
 @implementer(ILogObserver)
 class ChildJsonObserver:
-    """A child's side: one finished JSON object per event, written to the stdout it shares
-    with the master in one write(2) (as relayhub.process.child.LineLogObserver does)."""
+    """A child's side: one finished JSON object per event, to the stdout it shares with the
+    master (through relayhub.process.child.LogWriter, as text lines are)."""
 
-    def __init__(self, fd: int, name: str, role: str, pid: int) -> None:
-        self.fd = fd
+    def __init__(self, write: Callable[[bytes], None], name: str, role: str, pid: int) -> None:
+        self._write = write
         self._head = {"process": name, "role": role, "pid": pid}
         self._records = _Records()
 
     def __call__(self, event: dict[str, Any]) -> None:
         record = {"time": _time(event), **self._head, **self._records.record(event)}
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        with contextlib.suppress(OSError):  # a log that cannot be written must not kill us
-            while data:
-                data = data[os.write(self.fd, data):]
+        self._write((json.dumps(record, ensure_ascii=False) + "\n").encode())
 
 
 def relay(logger: Logger, line: str, *, child: str, role: str, pid: int | None) -> None:

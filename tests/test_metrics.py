@@ -116,7 +116,8 @@ def test_child_json_objects_and_the_masters_own() -> None:
     master_out = io.StringIO()
     try:
         child_log = Logger(namespace="relayhub.qmgr", observer=LogPublisher(
-            jsonlog.ChildJsonObserver(write_end, "queue-manager", "queue-manager", 42)))
+            jsonlog.ChildJsonObserver(lambda data: os.write(write_end, data) and None,
+                                      "queue-manager", "queue-manager", 42)))
         child_log.info(maillog.DELIVERY, queue_id="Q1", recipient="a@example.org",
                        relay="local", delay="0.1", tls="none", status="2.0.0", verb="sent",
                        text="ok", pid=7)

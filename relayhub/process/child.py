@@ -27,6 +27,7 @@ from twisted.logger import (
 )
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from relayhub.config import Settings, settings_from_text
@@ -55,19 +56,52 @@ def read_settings(stdin: TextIO) -> Settings:
     return settings_from_text(source, text or None)
 
 
+class LogWriter:
+    """Finished log lines to the stdout a child shares with the master, gathered over one
+    turn of the reactor and written with one write(2): whole lines only, so lines from
+    different processes never interleave within a line.
+
+    Under load a worker logs several lines per message; a system call for each was the
+    largest single cost of logging. Lines logged outside the reactor thread, or before it
+    runs, are written at once. `flush` is called before the process exits.
+    """
+
+    def __init__(self, fd: int, reactor: Any) -> None:
+        self.fd = fd
+        self._reactor = reactor
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._reactor.running or not isInIOThread():
+            self._write(data)
+            return
+        if not self._pending:
+            self._reactor.callLater(0, self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data, self._pending = b"".join(self._pending), []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # a log that cannot be written must not kill us
+            while data:
+                data = data[os.write(self.fd, data):]
+
+
 @implementer(ILogObserver)
 class LineLogObserver:
     """Writes each event as one finished line of the hub's log, in the master's own format:
     "<time> [relayhub.process.supervisor#<level>] <name>[<pid>] [<namespace>] <text>".
 
-    Children share the master's stdout and write to it themselves, one write(2) per event
-    (lines from different processes never interleave within a line), instead of piping
-    lines through the master to be parsed and written again: that relay cost the master
-    about half of its CPU under load.
+    Children share the master's stdout and write to it themselves instead of piping lines
+    through the master to be parsed and written again: that relay cost the master about
+    half of its CPU under load.
     """
 
-    def __init__(self, fd: int, name: str, pid: int) -> None:
-        self.fd = fd
+    def __init__(self, out: LogWriter, name: str, pid: int) -> None:
+        self.out = out
         self.prefix = f"{name}[{pid}]"
         self._second = -1
         self._stamp = ""
@@ -86,10 +120,7 @@ class LineLogObserver:
         head = (f"{self._time(event.get('log_time') or time.time())} "
                 f"[relayhub.process.supervisor#{event.get('log_level', LogLevel.info).name}] "
                 f"{self.prefix} [{event.get('log_namespace', '-')}] ")
-        data = "".join(f"{head}{line}\n" for line in text.splitlines() or [""]).encode()
-        with contextlib.suppress(OSError):  # a log that cannot be written must not kill us
-            while data:
-                data = data[os.write(self.fd, data):]
+        self.out.write("".join(f"{head}{line}\n" for line in text.splitlines() or [""]).encode())
 
 
 def _format(event: dict[str, Any]) -> str:
@@ -103,17 +134,18 @@ def _format(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
-def start_logging(metrics: ProcessMetrics) -> None:
+def start_logging(metrics: ProcessMetrics, reactor: Any) -> LogWriter:
     name = os.environ.get(LOG_NAME_VARIABLE, "child")
+    out = LogWriter(sys.stdout.fileno(), reactor)
     lines: ILogObserver = (
-        ChildJsonObserver(sys.stdout.fileno(), name, os.environ.get(LOG_ROLE_VARIABLE, ""),
-                          os.getpid())
+        ChildJsonObserver(out.write, name, os.environ.get(LOG_ROLE_VARIABLE, ""), os.getpid())
         if os.environ.get(LOG_FORMAT_VARIABLE) == "json"
-        else LineLogObserver(sys.stdout.fileno(), name, os.getpid()))
+        else LineLogObserver(out, name, os.getpid()))
     observer = FilteringLogObserver(lines, [LogLevelFilterPredicate(LogLevel.info)])
     # Metrics count events of every level, so they see them unfiltered.
     globalLogBeginner.beginLoggingTo([observer, MetricsObserver(metrics)],
                                      redirectStandardIO=False)
+    return out
 
 
 class ChildLocator(amp.CommandLocator):
@@ -178,7 +210,7 @@ def run(build: Callable[[Settings, Any, ProcessMetrics], IService]) -> None:
 
     settings = read_settings(sys.stdin)
     metrics = ProcessMetrics()
-    start_logging(metrics)
+    log = start_logging(metrics, reactor)
     service = build(settings, reactor, metrics)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger(
@@ -186,5 +218,6 @@ def run(build: Callable[[Settings, Any, ProcessMetrics], IService]) -> None:
     reactor.run()
     # The service has stopped (shutdown waits for it): everything durable is done. Leave
     # now, so that no stray non-daemon thread can keep an orphaned child alive.
+    log.flush()
     sys.stdout.flush()
     os._exit(0)
