@@ -28,7 +28,7 @@ LISTENING = "{service} listening on {endpoint}"
 
 # The master about its children (Postfix names the pid: `pid 1234 killed by signal 9`).
 CHILD_DIED = "{name} pid {pid} died after {lived:.1f}s ({why}); restarting in {delay}s"
-CHILD_STOPPED = "{name} pid {pid} stopped ({why})"
+CHILD_STOPPED = "{name} stopped (pid {pid} {why})"
 
 # Queue manager and couriers.
 DELIVERY = (

@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.process.master import MasterService
+from relayhub.users import UsersFileError
 
 
 class Options(usage.Options):
@@ -38,4 +39,10 @@ class Options(usage.Options):
 def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor
 
-    return MasterService(options["config"], options.config, options.settings, reactor)
+    try:
+        return MasterService(options["config"], options.config, options.settings, reactor)
+    except UsersFileError as error:
+        # With no good version of the users file yet there is none to keep: refuse to start,
+        # one line per problem, as for the configuration.
+        sys.stderr.write(f"{error}\n")
+        raise SystemExit(1) from None

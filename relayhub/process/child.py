@@ -26,17 +26,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayhub.config import Settings, settings_from_text
+from relayhub.directory import LastGood
 
 # File descriptor of the AMP channel to the master (see relayhub.process.supervisor).
 MASTER_FD = 3
-# Between the source line and the configuration text on stdin.
+# After the source line and after the last-good line on stdin.
 SOURCE_END = "\n"
 
 
-def read_settings(stdin: TextIO) -> Settings:
-    """The master writes "<source>\\n<TOML text>" (empty text: built-in defaults)."""
-    source, _, text = stdin.read().partition(SOURCE_END)
-    return settings_from_text(source, text or None)
+def read_settings(stdin: TextIO) -> tuple[Settings, LastGood]:
+    """The master writes "<source>\\n<LastGood JSON>\\n<TOML text>" (empty text: built-in
+    defaults)."""
+    source, _, rest = stdin.read().partition(SOURCE_END)
+    last_good, _, text = rest.partition(SOURCE_END)
+    return settings_from_text(source, text or None), LastGood.from_json(last_good)
 
 
 @implementer(ILogObserver)
@@ -96,13 +99,13 @@ def _stop(reactor: Any) -> None:
         reactor.stop()
 
 
-def run(build: Callable[[Settings, Any], IService]) -> None:
+def run(build: Callable[[Settings, Any, LastGood], IService]) -> None:
     """Read settings, build the service, run it until SIGTERM or the master's end."""
     from twisted.internet import reactor
 
-    settings = read_settings(sys.stdin)
+    settings, last_good = read_settings(sys.stdin)
     start_logging()
-    service = build(settings, reactor)
+    service = build(settings, reactor, last_good)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(service.stopService))

@@ -13,7 +13,7 @@ from twisted.protocols import amp
 
 from relayhub.config import Settings
 from relayhub.delivery.build import build_queue_manager
-from relayhub.directory import Directory
+from relayhub.directory import Directory, LastGood
 from relayhub.process import child, commands
 from relayhub.queue.sqlite import SQLiteQueueStore
 
@@ -34,13 +34,18 @@ class _Locator(amp.CommandLocator):
         self.process.manager.wake()
         return {}
 
+    @commands.Refresh.responder
+    def refresh(self) -> defer.Deferred[dict[str, Any]]:
+        return self.process.directory.refresh().addCallback(lambda _: {})
+
 
 class QueueManagerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any,
+                 last_good: LastGood | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
-        self.directory = Directory(settings, reactor)
+        self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
         self.manager = build_queue_manager(
             settings, self.store, self.directory, reactor,

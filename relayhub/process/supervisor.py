@@ -65,13 +65,16 @@ class SupervisedChild:
     def __init__(self, reactor: Any, spec: ChildSpec, config: tuple[str, str | None], *,
                  locator_factory: Callable[[SupervisedChild], Any],
                  on_exit: Callable[[SupervisedChild], None] = lambda child: None,
+                 last_good: Callable[[], str] = lambda: "",
                  uid: int | None = None, gid: int | None = None) -> None:
+        """`last_good`: the master's LastGood (JSON) of users and aliases at each start."""
         self.reactor = reactor
         self.spec = spec
         self.config = config
         self.uid, self.gid = uid, gid
         self._locator_factory = locator_factory
         self._on_exit = on_exit
+        self._last_good = last_good
         self.process: Any = None
         # Twisted forgets a process's pid as it ends; the log line about its end needs it.
         self.last_pid: int | None = None
@@ -101,7 +104,8 @@ class SupervisedChild:
         theirs.close()  # the child has it now
         self.last_pid = self.process.pid
         source, text = self.config
-        self.process.write(f"{source}{SOURCE_END}{text or ''}".encode())
+        self.process.write(
+            f"{source}{SOURCE_END}{self._last_good()}{SOURCE_END}{text or ''}".encode())
         self.process.closeStdin()
         channel = self.channel = amp.AMP(locator=self._locator_factory(self))
         self.reactor.adoptStreamConnection(

@@ -10,9 +10,10 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols import amp
 
 from relayhub.config import Settings
-from relayhub.directory import Directory
+from relayhub.directory import Directory, LastGood
 from relayhub.pop3.server import POP3Factory
 from relayhub.pop3.service import pop3_factory
 from relayhub.process import child, commands, listeners
@@ -41,14 +42,27 @@ class MasterAdmission:
         self.channel.callRemote(commands.Release, service=service, address=address)
 
 
+class _Locator(amp.CommandLocator):
+    """What the master may ask of a worker."""
+
+    def __init__(self, directory: Directory) -> None:
+        super().__init__()
+        self.directory = directory
+
+    @commands.Refresh.responder
+    def refresh(self) -> defer.Deferred[dict[str, Any]]:
+        return self.directory.refresh().addCallback(lambda _: {})
+
+
 class WorkerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any,
+                 last_good: LastGood | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
-        self.directory = Directory(settings, reactor)
+        self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
         self.smtp: SMTPService | None = None
         self.pop3: dict[str, POP3Factory] = {}
@@ -56,7 +70,7 @@ class WorkerProcess(MultiService):
         self.tls_options: Any = None
 
     def startService(self) -> None:
-        channel = child.connect_master(self.reactor)
+        channel = child.connect_master(self.reactor, _Locator(self.directory))
         admission = MasterAdmission(channel)
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.

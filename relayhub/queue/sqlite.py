@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from relayhub.errors import TemporaryFailure
 from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
+from relayhub.queue.space import storage_failure
 from relayhub.queue.store import (
     Changed,
     DueWork,
@@ -139,7 +140,7 @@ class _SQLiteIncoming(IncomingMessage):
             )
             self._discard()
             self._store.stats.failures += 1
-            return fail(TemporaryFailure())
+            return fail(storage_failure(self._error))
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
                    subject)
         return self._store._enqueue(job)
@@ -294,7 +295,7 @@ class SQLiteQueueStore(QueueStore):
                 continue
             except OSError as exc:
                 self.log.error("cannot create {path}: {error}", path=path, error=exc)
-                raise TemporaryFailure() from exc
+                raise storage_failure(exc) from exc
             self._live_ids.add(queue_id)
             return _SQLiteIncoming(self, queue_id, path, file, arrival)
         raise TemporaryFailure()
@@ -350,7 +351,7 @@ class SQLiteQueueStore(QueueStore):
                     "{queue_id}: cannot queue message: {error}",
                     queue_id=p.job.queue_id, error=error,
                 )
-                p.done.errback(TemporaryFailure())
+                p.done.errback(storage_failure(error))
         if not self._writing:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
