@@ -838,7 +838,7 @@ class AliasWatcher(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._report(True)
+        self._report(not self.db.problems)  # a kept last good version is not news
         self._loop = LoopingCall(self._poll)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=False)

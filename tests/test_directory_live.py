@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from hubprocess import REPO, Hub, SMTPConnection
 
+from relayhub.aliases import AliasDatabase
+from relayhub.directory import LastGood
+from relayhub.users import UserDatabase, UsersFileError
+
 USERS = "alice:{PLAIN}x:Alice Liddell\n"
 ALIASES = "team: alice\n"
 ROUNDS = 6
@@ -114,3 +118,25 @@ def test_broken_users_file_at_start_is_refused_with_its_lines(tmp_path: Path) ->
     with pytest.raises(RuntimeError, match="exited 1"):
         hub.start()
     assert f"{tmp_path / 'users'}:2: missing fields" in hub.log()
+
+
+def test_databases_fall_back_on_a_last_good_version(tmp_path: Path) -> None:
+    aliases, users = tmp_path / "aliases", tmp_path / "users"
+    aliases.write_text(ALIASES + "lists: :include:lists\n")
+    (tmp_path / "lists").write_text("bob\n")
+    users.write_text(USERS)
+    good = LastGood(users=UserDatabase(users).text, aliases=AliasDatabase(aliases).texts)
+    assert good == LastGood.from_json(good.to_json())
+
+    aliases.write_text("broken\n")
+    (tmp_path / "lists").unlink()  # the include file's kept text is used too
+    users.write_text("broken\n")
+    kept_aliases = AliasDatabase(aliases, fallback=good.aliases)
+    assert kept_aliases.usable and set(kept_aliases.table.aliases) == {"team", "lists"}
+    assert kept_aliases.problems == (f"{aliases}:1: missing ':' after the alias name",)
+    assert kept_aliases.reload_if_changed() is False  # the broken file is not re-read
+    kept_users = UserDatabase(users, fallback=good.users)
+    assert kept_users.knows("alice") and kept_users.problems
+    with pytest.raises(UsersFileError):
+        UserDatabase(users)  # no good version anywhere: refused
+    assert not AliasDatabase(aliases).usable
