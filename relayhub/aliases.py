@@ -384,6 +384,8 @@ def format_aliases(table: AliasTable) -> str:
 
 # (device, inode, size, mtime in ns) of a file as read; None when it does not exist.
 Signature = tuple[int, int, int, int] | None
+# How load_aliases reads one file: its text (None: missing) and signature; OSError otherwise.
+Reader = Callable[[str], tuple[str | None, Signature]]
 
 
 def _read(path: str) -> tuple[str | None, Signature]:
@@ -417,25 +419,38 @@ def _why(error: OSError) -> str:
 
 @dataclass(frozen=True)
 class LoadedAliases:
-    """A table read from disk, with the signature of every file it depends on."""
+    """A table read from disk, with the signature and the text of every file it depends on
+    (the texts let a process started later use this version when the files are broken)."""
 
     table: AliasTable
     files: Mapping[str, Signature]
+    texts: Mapping[str, str | None] = field(default_factory=dict)
 
 
-def load_aliases(path: Path) -> LoadedAliases:
+def reader_of(texts: Mapping[str, str | None]) -> Reader:
+    """A Reader over texts kept in memory (a last good version), not the files now."""
+
+    def read(path: str) -> tuple[str | None, Signature]:
+        return texts.get(path), None
+
+    return read
+
+
+def load_aliases(path: Path, read: Reader = _read) -> LoadedAliases:
     """Read the aliases file and, transitively, its include files (blocking: call it from a
     thread or at start-up). A missing aliases file is an empty table; a missing include file
     is a problem at the line naming it. Raises AliasFileError with every problem."""
     main = os.fspath(path)
     files: dict[str, Signature] = {}
+    texts: dict[str, str | None] = {}
     try:
-        text, files[main] = _read(main)
+        text, files[main] = read(main)
     except OSError as error:
         files[main] = signature(main)
         raise AliasFileError([f"{main}: cannot read: {_why(error)}"], files) from None
+    texts[main] = text
     if text is None:
-        return LoadedAliases(AliasTable(), files)
+        return LoadedAliases(AliasTable(), files, texts)
     table, pending, problems = _parse(text, main)
     includes: dict[str, tuple[Target, ...]] = {}
     while pending:
@@ -443,7 +458,7 @@ def load_aliases(path: Path) -> LoadedAliases:
         if ref.resolved in files:
             continue
         try:
-            content, files[ref.resolved] = _read(ref.resolved)
+            content, files[ref.resolved] = read(ref.resolved)
         except OSError as error:
             files[ref.resolved] = signature(ref.resolved)
             problems.append(f"{ref.where}: cannot read {ref.resolved}: {_why(error)}")
@@ -451,13 +466,14 @@ def load_aliases(path: Path) -> LoadedAliases:
         if content is None:
             problems.append(f"{ref.where}: cannot read {ref.resolved}: No such file")
             continue
+        texts[ref.resolved] = content
         members, refs, found = _parse_include(content, ref.resolved)
         problems += found
         includes[ref.resolved] = members
         pending += refs
     if problems:
         raise AliasFileError(problems, files)
-    return LoadedAliases(AliasTable(table.aliases, includes), files)
+    return LoadedAliases(AliasTable(table.aliases, includes), files, texts)
 
 
 def changed(files: Mapping[str, Signature]) -> bool:
@@ -758,16 +774,27 @@ class AliasDatabase:
 
     `check()` (blocking, for a thread) reads the files again when one has changed; `apply()`
     (on the reactor thread) adopts what it found. A broken version keeps the last good table;
-    when there has never been one, `usable` is False."""
+    when there has never been one, `usable` is False.
 
-    def __init__(self, path: Path) -> None:
+    `fallback` holds the texts of a last good version that another process read before (the
+    master's, for a child started by a reload): it is used when the files are broken now."""
+
+    def __init__(self, path: Path, fallback: Mapping[str, str | None] | None = None) -> None:
         self.path = path
         self.table = AliasTable()
         self.usable = False
         self.problems: tuple[str, ...] = ()
+        # The texts of the table in use, handed to processes started later.
+        self.texts: Mapping[str, str | None] | None = None
         # The files behind the last attempt, good or bad: nothing is re-read until one changes.
         self._files: Mapping[str, Signature] = {}
         self.reload_if_changed()
+        if not self.usable and fallback is not None:
+            try:
+                kept = load_aliases(path, reader_of(fallback))
+            except AliasFileError:
+                return  # not a good version after all: nothing to keep
+            self.table, self.usable, self.texts = kept.table, True, kept.texts
 
     def check(self) -> LoadedAliases | AliasFileError | None:
         """A new table or why there is none, or None when no file has changed. Blocking."""
@@ -787,6 +814,7 @@ class AliasDatabase:
             self.problems = tuple(outcome.problems)
             return False
         self.table, self.usable, self.problems = outcome.table, True, ()
+        self.texts = outcome.texts
         return True
 
     def reload_if_changed(self) -> bool:
@@ -796,18 +824,21 @@ class AliasDatabase:
 
 class AliasWatcher(Service):
     """Polls the aliases file and its includes every `interval` seconds (a cheap stat) and
-    reloads them in a thread when one has changed, logging what happened."""
+    reloads them in a thread when one has changed, logging what happened. `refresh()` does
+    the same at once; `lock` keeps it and the polls (and the caller's other reads) in order,
+    so that an older read can never be applied after a newer one."""
 
-    def __init__(self, db: AliasDatabase, reactor: Any, interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, db: AliasDatabase, reactor: Any, interval: float = POLL_INTERVAL,
+                 lock: defer.DeferredLock | None = None) -> None:
         self.db = db
         self.reactor = reactor
         self.interval = interval
+        self.lock = lock or defer.DeferredLock()
         self._loop: LoopingCall | None = None
-        self._busy = False
 
     def startService(self) -> None:
         super().startService()
-        self._report(True)
+        self._report(not self.db.problems)  # a kept last good version is not news
         self._loop = LoopingCall(self._poll)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=False)
@@ -818,21 +849,25 @@ class AliasWatcher(Service):
             self._loop.stop()
 
     def _poll(self) -> None:
-        if self._busy:  # a slow disk: never two reads at once
+        if self.lock.locked:  # a slow disk or a refresh under way: never two reads at once
             return
-        self._busy = True
+        self.refresh()
+
+    def refresh(self) -> defer.Deferred[None]:
+        """Look at the files now; fires once what they hold is in use (or logged)."""
+        done: defer.Deferred[None] = self.lock.run(self._check)
+        return done
+
+    def _check(self) -> defer.Deferred[None]:
         checked: defer.Deferred[LoadedAliases | AliasFileError | None] = (
             threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.db.check))
-        checked.addCallback(self._checked)
-        checked.addErrback(self._failed)
+        return checked.addCallbacks(self._checked, self._failed)
 
     def _checked(self, outcome: LoadedAliases | AliasFileError | None) -> None:
-        self._busy = False
         if outcome is not None:
             self._report(self.db.apply(outcome))
 
     def _failed(self, failure: Failure) -> None:
-        self._busy = False
         _LOG.failure(maillog.ALIASES_FAILED, failure, path=str(self.db.path))
 
     def _report(self, loaded: bool) -> None:

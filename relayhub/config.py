@@ -146,6 +146,7 @@ class Pop3Settings:
 class QueueSettings:
     backend: str
     dsn: str
+    min_free_space: int  # bytes; below this, new mail gets 452 4.3.1
 
 
 @dataclass(frozen=True)
@@ -611,6 +612,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
     "queue": (QueueSettings, {
         "backend": (_choice("sqlite", "postgresql"), "sqlite"),
         "dsn": (_string, ""),
+        "min_free_space": (_size(0), "100MB"),
     }),
     "log": (LogSettings, {"format": (_choice("text", "json"), "text")}),
     "metrics": (MetricsSettings, {"listen": (_ENDPOINTS, [])}),

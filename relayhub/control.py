@@ -34,6 +34,14 @@ class Reload(amp.Command):
         (b"problems", amp.ListOf(amp.Unicode()))]
 
 
+class Refresh(amp.Command):
+    """The users or aliases file was edited (`relayhubctl user add`): every process re-reads
+    it now. Answers once all have, with the processes that did not confirm."""
+
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = [
+        (b"problems", amp.ListOf(amp.Unicode()))]
+
+
 class ControlTarget(Protocol):
     """What the daemon offers the control channel."""
 
@@ -42,6 +50,8 @@ class ControlTarget(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def reload(self) -> defer.Deferred[list[str]]: ...
+
+    def refresh(self) -> defer.Deferred[list[str]]: ...
 
 
 class ControlServer(amp.AMP):
@@ -61,6 +71,10 @@ class ControlServer(amp.AMP):
     @Reload.responder
     def reload(self) -> defer.Deferred[dict[str, Any]]:
         return self.target.reload().addCallback(lambda problems: {"problems": problems})
+
+    @Refresh.responder
+    def refresh(self) -> defer.Deferred[dict[str, Any]]:
+        return self.target.refresh().addCallback(lambda problems: {"problems": problems})
 
 
 def socket_path(state_dir: Path) -> Path:

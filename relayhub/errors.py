@@ -42,3 +42,12 @@ class TemporaryFailure(SMTPReply):
     def __init__(self, text: str = "Local error in processing, try again later",
                  status: str = "4.3.0") -> None:
         super().__init__(451, status, text)
+
+
+class InsufficientStorage(TemporaryFailure):
+    """No room to queue mail now: the disk is full, or free space is below `[queue]
+    min_free_space` or too small for the announced SIZE (RFC 5321 §4.2.5 452, RFC 3463
+    4.3.1). The client keeps the message and retries; it is never a 5xx."""
+
+    def __init__(self, text: str = "Insufficient system storage") -> None:
+        SMTPReply.__init__(self, 452, "4.3.1", text)

@@ -26,6 +26,10 @@ STORE_FAILED = "{queue_id}: queue write failed for {client}: {error}"
 INTERNAL_ERROR = "internal error on {command} from {client}"
 LISTENING = "{service} listening on {endpoint}"
 
+# The master about its children (Postfix names the pid: `pid 1234 killed by signal 9`).
+CHILD_DIED = "{name} pid {pid} died after {lived:.1f}s ({why}); restarting in {delay}s"
+CHILD_STOPPED = "{name} stopped (pid {pid} {why})"
+
 # Queue manager and couriers.
 DELIVERY = (
     "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, tls={tls}, dsn={status}, "

@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.process.master import MasterService
+from relayhub.users import UsersFileError
 
 JSON_OBSERVER = "relayhub.jsonlog.master_observer"
 
@@ -44,4 +45,10 @@ class Options(usage.Options):
 def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor
 
-    return MasterService(options["config"], options.config, options.settings, reactor)
+    try:
+        return MasterService(options["config"], options.config, options.settings, reactor)
+    except UsersFileError as error:
+        # With no good version of the users file yet there is none to keep: refuse to start,
+        # one line per problem, as for the configuration.
+        sys.stderr.write(f"{error}\n")
+        raise SystemExit(1) from None

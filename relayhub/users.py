@@ -104,14 +104,27 @@ def parse_users(text: str, filename: str) -> dict[str, User]:
 class UserDatabase:
     """The users file at `path`, re-read by reload_if_changed(); a missing file is empty.
 
-    Reads block, which is fine for a small file read at start-up or from a thread."""
+    Reads block, which is fine for a small file read at start-up or from a thread.
 
-    def __init__(self, path: Path) -> None:
+    `fallback` is the text of a last good version another process read (the master's, for
+    a child started by a reload): when the file is broken now, that version is used and
+    `problems` says why; without one, a broken file raises UsersFileError."""
+
+    def __init__(self, path: Path, fallback: str | None = None) -> None:
         self.path = path
         self._users: dict[str, User] = {}
+        # The text of the table in use, handed to processes started later.
+        self.text = ""
+        self.problems: list[str] = []
         # (device, inode, size, mtime) of the last version read, good or bad; None = absent.
         self._seen: tuple[int, int, int, int] | None = None
-        self.reload_if_changed()
+        try:
+            self.reload_if_changed()
+        except UsersFileError as error:
+            if fallback is None:
+                raise
+            self._users, self.text = parse_users(fallback, str(path)), fallback
+            self.problems = error.problems
 
     def __len__(self) -> int:
         return len(self._users)
@@ -154,6 +167,7 @@ class UserDatabase:
         except UnicodeDecodeError as exc:
             raise UsersFileError([f"{self.path}: not UTF-8 (byte {exc.start})"]) from None
         self._users = parse_users(text, str(self.path))
+        self.text = text
         return True
 
 

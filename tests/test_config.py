@@ -168,6 +168,7 @@ def test_builtin_defaults(tmp_path: Path) -> None:
     assert settings.pop3.allow_plaintext_auth is True
     assert settings.pop3.apop is False
     assert (settings.queue.backend, settings.queue.dsn) == ("sqlite", "")
+    assert settings.queue.min_free_space == 100_000_000
     assert settings.log.format == "text"
     assert settings.metrics.listen == ()
     assert settings == parse_settings({}, BUILTIN_SOURCE)
@@ -553,3 +554,14 @@ def test_settings_type_is_exported() -> None:
     assert [f.name for f in dataclasses.fields(Settings)] == [
         "source", "server", "smtp", "tls", "domains", "routing", "delivery", "aliases",
         "users", "pop3", "queue", "log", "metrics"]
+
+
+def test_min_free_space_takes_a_size() -> None:
+    assert parse_settings({"queue": {"min_free_space": "2MiB"}}, "f"
+                          ).queue.min_free_space == 2 * 1024 * 1024
+    assert parse_settings({"queue": {"min_free_space": 0}}, "f").queue.min_free_space == 0
+    with pytest.raises(ConfigError) as error:
+        parse_settings({"queue": {"min_free_space": "lots"}}, "f")
+    assert error.value.problems == [
+        'f: queue.min_free_space: "lots" is not a size (bytes, or a number with B, KB, MB, '
+        'GB, KiB, MiB, GiB)']

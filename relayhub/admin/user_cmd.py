@@ -8,8 +8,11 @@ import os
 import pwd
 import sys
 from pathlib import Path
+from typing import Any
 
+from relayhub import control
 from relayhub.admin.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, add_command
+from relayhub.admin.queue_cmd import DaemonUnreachable, ask_daemon, run, say_error
 from relayhub.config import Settings, load_settings
 from relayhub.users import (
     BadFullName,
@@ -62,6 +65,20 @@ def _checked_name(name: str) -> str:
     return name.lower()
 
 
+async def _tell_daemon(reactor: Any, settings: Settings) -> int:
+    """A running daemon re-reads the users file in every process before this returns (SPEC
+    §8: it sees each change at once); without a daemon there is nobody to tell."""
+    try:
+        answer = await ask_daemon(reactor, settings, control.Refresh)
+    except DaemonUnreachable as problem:
+        say_error(f"{settings.users.file} is written, but relayhub was not told ({problem}); "
+                  "it notices the change within a second")
+        return EXIT_OK
+    for unconfirmed in answer["problems"] if answer else []:
+        say_error(f"{settings.users.file} is written, but not yet seen by {unconfirmed}")
+    return EXIT_OK
+
+
 def _run(action: str, args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     path: Path = settings.users.file
@@ -103,7 +120,7 @@ def _run(action: str, args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"relayhubctl: {path}: {error.strerror or error}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
+    return run(lambda reactor: _tell_daemon(reactor, settings))
 
 
 def register(commands: Commands) -> None:

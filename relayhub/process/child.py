@@ -31,6 +31,7 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from relayhub.config import Settings, settings_from_text
+from relayhub.directory import LastGood
 from relayhub.jsonlog import ChildJsonObserver
 from relayhub.metrics import MetricsObserver, ProcessMetrics
 from relayhub.process import commands
@@ -41,7 +42,7 @@ MASTER_FD = 3
 # (relayhub.process.supervisor).
 LOG_NAME_VARIABLE = "RELAYHUB_CHILD_NAME"
 LOG_ROLE_VARIABLE = "RELAYHUB_CHILD_ROLE"
-# Between the source line and the configuration text on stdin.
+# After the source line and after the last-good line on stdin.
 SOURCE_END = "\n"
 # The master's [log] format, "text" or "json", in the child's environment: the master reads
 # what its children write, so the two must agree even after a reload changed the file.
@@ -50,10 +51,12 @@ LOG_FORMAT_VARIABLE = "RELAYHUB_LOG_FORMAT"
 FINAL_REPORT_TIMEOUT = 2.0
 
 
-def read_settings(stdin: TextIO) -> Settings:
-    """The master writes "<source>\\n<TOML text>" (empty text: built-in defaults)."""
-    source, _, text = stdin.read().partition(SOURCE_END)
-    return settings_from_text(source, text or None)
+def read_settings(stdin: TextIO) -> tuple[Settings, LastGood]:
+    """The master writes "<source>\\n<LastGood JSON>\\n<TOML text>" (empty text: built-in
+    defaults)."""
+    source, _, rest = stdin.read().partition(SOURCE_END)
+    last_good, _, text = rest.partition(SOURCE_END)
+    return settings_from_text(source, text or None), LastGood.from_json(last_good)
 
 
 class LogWriter:
@@ -204,14 +207,14 @@ def _stop(reactor: Any) -> None:
         reactor.stop()
 
 
-def run(build: Callable[[Settings, Any, ProcessMetrics], IService]) -> None:
+def run(build: Callable[[Settings, Any, ProcessMetrics, LastGood], IService]) -> None:
     """Read settings, build the service, run it until SIGTERM or the master's end."""
     from twisted.internet import reactor
 
-    settings = read_settings(sys.stdin)
+    settings, last_good = read_settings(sys.stdin)
     metrics = ProcessMetrics()
     log = start_logging(metrics, reactor)
-    service = build(settings, reactor, metrics)
+    service = build(settings, reactor, metrics, last_good)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.maybeDeferred(service.stopService))

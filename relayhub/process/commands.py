@@ -27,6 +27,11 @@ class Wake(amp.Command):
     requiresAnswer = False
 
 
+class Refresh(amp.Command):
+    """Master → worker or queue manager: re-read the users and aliases files now; answers
+    once what they hold is in use (`relayhubctl user add` returns only then, SPEC §8)."""
+
+
 class Admit(amp.Command):
     """Worker → master: may this new session go on? Connection limits count across every
     worker, so only the master can answer. `refusal` is empty when it may."""

@@ -16,20 +16,24 @@ import signal
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.protocols import amp
 
 from relayhub import control
 from relayhub.admission import ConnectionCounter
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
+from relayhub.directory import Directory
 from relayhub.process import commands, listeners, scrape, sockets
 from relayhub.process.supervisor import ChildSpec, SupervisedChild
+from relayhub.users import UsersFileError
 
 _LOG = Logger(namespace="relayhub.master")
 
 # Children get this long past shutdown_grace to exit on their own before SIGKILL.
 KILL_MARGIN = 10.0
+# A child that has not re-read the users and aliases files by then is reported as such.
+REFRESH_TIMEOUT = 5.0  # below relayhubctl's own wait for an answer
 
 
 class _ChildLocator(amp.CommandLocator):
@@ -91,6 +95,9 @@ class MasterService(Service):
         # Fixed for this run: children write what the master's log observer expects.
         self._log_format = settings.log.format
         self._uid, self._gid = self._service_user()
+        # The master's own copy of users and aliases: the last good version that children
+        # started later (reload, restart) fall back on while a file is broken.
+        self.directory = Directory(settings, reactor)
 
     # -- start ---------------------------------------------------------------------
 
@@ -119,6 +126,7 @@ class MasterService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.directory.startService()
         self._started_at = self.reactor.seconds()
         # twistd starts services before the reactor installs its signal handlers; ours go in
         # after them and replace them.
@@ -170,6 +178,7 @@ class MasterService(Service):
         child = SupervisedChild(
             self.reactor, spec, self.config, uid=self._uid, gid=self._gid,
             locator_factory=lambda c: _ChildLocator(self, c), on_exit=self._exited,
+            last_good=lambda: self.directory.last_good().to_json(),
             log_format=self._log_format)
         child.start()
         self.collector.started(child)
@@ -187,6 +196,34 @@ class MasterService(Service):
         channel = self.queue_manager.channel if self.queue_manager else None
         if channel is not None:
             channel.callRemote(commands.Wake)
+
+    def refresh(self) -> defer.Deferred[list[str]]:
+        """Every process re-reads the users and aliases files now; fires when all have (the
+        master first, so that children started meanwhile get the new version). Answers
+        the children that did not confirm in time."""
+
+        def tell_children(_: object) -> defer.Deferred[list[str]]:
+            children = [child for child in [*self.workers, self.queue_manager]
+                        if child is not None and child.channel is not None]
+            asked = [self._refresh_child(child) for child in children]
+            return defer.gatherResults(asked).addCallback(
+                lambda answers: [answer for answer in answers if answer])
+
+        return self.directory.refresh().addCallback(tell_children)
+
+    def _refresh_child(self, child: SupervisedChild) -> defer.Deferred[str]:
+        """Empty when `child` has re-read the files; else what went wrong."""
+        assert child.channel is not None
+        asked: defer.Deferred[Any] = child.channel.callRemote(commands.Refresh)
+        asked.addTimeout(REFRESH_TIMEOUT, self.reactor)
+
+        def failed(failure: Any) -> str:
+            # A child that died meanwhile reads the files afresh when it is restarted.
+            problem = f"{child.spec.name} did not confirm: {failure.getErrorMessage()}"
+            _LOG.warn("users/aliases refresh: {problem}", problem=problem)
+            return problem
+
+        return asked.addCallbacks(lambda _: "", failed)
 
     def status(self) -> dict[str, Any]:
         now = self.reactor.seconds()
@@ -213,6 +250,35 @@ class MasterService(Service):
             for problem in error.problems:
                 _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
             return defer.succeed(list(error.problems))
+        directory = self._directory_for(settings)
+
+        def refused(failure: Any) -> list[str]:
+            failure.trap(UsersFileError)
+            for problem in failure.value.problems:
+                _LOG.error("reload refused, configuration kept: {problem}", problem=problem)
+            return list(failure.value.problems)
+
+        return directory.addCallback(self._replace_children, config, settings).addErrback(
+            refused)
+
+    def _directory_for(self, settings: Settings) -> defer.Deferred[Directory]:
+        """The master's directory for `settings`: ours, refreshed (a broken file keeps the
+        last good version), or a new one when the files are others now (read in a thread;
+        a broken users file there fails with UsersFileError, as at start-up)."""
+        ours = self.directory
+        if (settings.users.file, settings.aliases.file) == (
+                ours.users.path, ours.aliases.path):
+            return ours.refresh().addCallback(lambda _: ours)
+        built: defer.Deferred[Directory] = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), Directory, settings, self.reactor)
+        return built
+
+    def _replace_children(self, directory: Directory, config: tuple[str, str | None],
+                          settings: Settings) -> list[str]:
+        if directory is not self.directory:
+            self.directory.stopService()
+            self.directory = directory
+            directory.startService()
         if (listeners.listener_specs(settings) != [bound.spec for bound in self.bound]
                 or settings.metrics != self.settings.metrics or settings.log != self.settings.log):
             _LOG.warn("listener, [metrics] and [log] changes take effect at the next restart; "
@@ -228,12 +294,13 @@ class MasterService(Service):
         else:
             old_manager.stop().addCallback(lambda _: self._start_queue_manager())
         _LOG.info("reloaded {source}", source=config[0])
-        return defer.succeed([])
+        return []
 
     # -- stop ------------------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self.directory.stopService()
         children = [*self.workers, *([self.queue_manager] if self.queue_manager else [])]
         stopping = defer.gatherResults([child.stop() for child in children])
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from relayhub.config import Settings
 from relayhub.delivery.build import build_queue_manager
-from relayhub.directory import Directory
+from relayhub.directory import Directory, LastGood
 from relayhub.metrics import ProcessMetrics
 from relayhub.process import child, commands
 from relayhub.queue.sqlite import SQLiteQueueStore
@@ -44,15 +44,20 @@ class _Locator(child.ChildLocator):
         counted.addErrback(lambda failure: _LOG.failure("queue totals failed", failure))
         return counted.addCallback(lambda _: super(_Locator, self).report_metrics())
 
+    @commands.Refresh.responder
+    def refresh(self) -> defer.Deferred[dict[str, Any]]:
+        return self.process.directory.refresh().addCallback(lambda _: {})
+
 
 class QueueManagerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics,
+                 last_good: LastGood | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.metrics = metrics
         self.locator = _Locator(self)
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
-        self.directory = Directory(settings, reactor)
+        self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
         self.manager = build_queue_manager(
             settings, self.store, self.directory, reactor,

@@ -18,7 +18,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from relayhub import jsonlog
+from relayhub import jsonlog, maillog
 from relayhub.process.child import (
     LOG_FORMAT_VARIABLE,
     LOG_NAME_VARIABLE,
@@ -71,8 +71,10 @@ class SupervisedChild:
     def __init__(self, reactor: Any, spec: ChildSpec, config: tuple[str, str | None], *,
                  locator_factory: Callable[[SupervisedChild], Any],
                  on_exit: Callable[[SupervisedChild], None] = lambda child: None,
+                 last_good: Callable[[], str] = lambda: "",
                  uid: int | None = None, gid: int | None = None,
                  log_format: str = "text") -> None:
+        """`last_good`: the master's LastGood (JSON) of users and aliases at each start."""
         self.reactor = reactor
         self.spec = spec
         self.config = config
@@ -80,7 +82,10 @@ class SupervisedChild:
         self.uid, self.gid = uid, gid
         self._locator_factory = locator_factory
         self._on_exit = on_exit
+        self._last_good = last_good
         self.process: Any = None
+        # Twisted forgets a process's pid as it ends; the log line about its end needs it.
+        self.last_pid: int | None = None
         self.channel: amp.AMP | None = None
         self.started_at = 0.0
         self.restarts = 0
@@ -115,8 +120,10 @@ class SupervisedChild:
             env=environment, childFDs=child_fds, uid=self.uid, gid=self.gid,
         )
         theirs.close()  # the child has it now
+        self.last_pid = self.process.pid
         source, text = self.config
-        self.process.write(f"{source}{SOURCE_END}{text or ''}".encode())
+        self.process.write(
+            f"{source}{SOURCE_END}{self._last_good()}{SOURCE_END}{text or ''}".encode())
         self.process.closeStdin()
         channel = self.channel = amp.AMP(locator=self._locator_factory(self))
         self.reactor.adoptStreamConnection(
@@ -148,12 +155,12 @@ class SupervisedChild:
         self._on_exit(self)
         done, self._ended = self._ended, None
         if self._stopping:
-            _LOG.info("{name} stopped ({why})", name=self.spec.name, why=why)
+            _LOG.info(maillog.CHILD_STOPPED, name=self.spec.name, pid=self.last_pid, why=why)
         else:
             self._delay = FIRST_RESTART_DELAY if lived >= STABLE_AFTER else min(
                 self._delay * 2, MAX_RESTART_DELAY)
-            _LOG.error("{name} died after {lived:.1f}s ({why}); restarting in {delay}s",
-                       name=self.spec.name, lived=lived, why=why, delay=self._delay)
+            _LOG.error(maillog.CHILD_DIED, name=self.spec.name, pid=self.last_pid,
+                       lived=lived, why=why, delay=self._delay)
             self.restarts += 1
             self._restart_call = self.reactor.callLater(self._delay, self._restart)
         if done is not None:

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from relayhub.admission import SMTP_SERVICES, LentSlots, quota_block
 from relayhub.config import Settings
-from relayhub.directory import Directory
+from relayhub.directory import Directory, LastGood
 from relayhub.metrics import ProcessMetrics
 from relayhub.pop3.server import POP3Factory
 from relayhub.pop3.service import pop3_factory
@@ -71,17 +71,30 @@ class MasterAdmission:
         self.channel.callRemote(commands.Release, service=service, address=address)
 
 
+class _Locator(child.ChildLocator):
+    """What the master may ask of a worker."""
+
+    def __init__(self, metrics: ProcessMetrics, directory: Directory) -> None:
+        super().__init__(metrics)
+        self.directory = directory
+
+    @commands.Refresh.responder
+    def refresh(self) -> defer.Deferred[dict[str, Any]]:
+        return self.directory.refresh().addCallback(lambda _: {})
+
+
 class WorkerProcess(MultiService):
-    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: ProcessMetrics,
+                 last_good: LastGood | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.metrics = metrics
-        self.locator = child.ChildLocator(metrics)
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
         self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
-        self.directory = Directory(settings, reactor)
+        self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
+        self.locator = _Locator(metrics, self.directory)
         self.smtp: SMTPService | None = None
         self.pop3: dict[str, POP3Factory] = {}
         self.ports: list[Any] = []

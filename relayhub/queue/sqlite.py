@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from relayhub.errors import TemporaryFailure
 from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
+from relayhub.queue.space import storage_failure
 from relayhub.queue.store import (
     Changed,
     DueWork,
@@ -142,7 +143,7 @@ class _SQLiteIncoming(IncomingMessage):
             )
             self._discard()
             self._store.stats.failures += 1
-            return fail(TemporaryFailure())
+            return fail(storage_failure(self._error))
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
                    subject)
         return self._store._sync_then_enqueue(job)
@@ -307,7 +308,7 @@ class SQLiteQueueStore(QueueStore):
                 continue
             except OSError as exc:
                 self.log.error("cannot create {path}: {error}", path=path, error=exc)
-                raise TemporaryFailure() from exc
+                raise storage_failure(exc) from exc
             self._live_ids.add(queue_id)
             return _SQLiteIncoming(self, queue_id, path, file, arrival)
         raise TemporaryFailure()
@@ -390,7 +391,7 @@ class SQLiteQueueStore(QueueStore):
                     "{queue_id}: cannot queue message: {error}",
                     queue_id=p.job.queue_id, error=error,
                 )
-                p.done.errback(TemporaryFailure())
+                p.done.errback(storage_failure(error))
         self._notify_idle()
 
     def _notify_idle(self) -> None:

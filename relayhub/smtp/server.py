@@ -44,6 +44,7 @@ from relayhub.pop3.auth import (
     decode_sasl_plain,
     decode_sasl_text,
 )
+from relayhub.queue.space import FreeSpace
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
 from relayhub.sendnow import send_now
 from relayhub.smtp.data import DataReader
@@ -524,6 +525,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         command = parse_mail(arg, smtputf8_offered=self._esmtp)
         if command.size is not None and command.size > self.config.smtp.max_message_size:
             return (552, "5.3.4", "Message size exceeds fixed limit")
+        if self.factory.space is not None:
+            try:  # refused now, not after the client has sent it all ([queue] min_free_space)
+                self.factory.space.check(command.size or 0)
+            except SMTPReply as refusal:  # InsufficientStorage: 452 4.3.1
+                self._reject("MAIL", refusal)
+                raise
         masquerade = (self.config.masquerade and not self.config.submission
                       and self._auth is None)
         sender = command.sender
@@ -831,9 +838,10 @@ class SMTPServerFactory(ServerFactory):
         admission: Admission, *, service: str = "smtp",
         on_queued: Callable[[str], None] = lambda queue_id: None,
         names: LocalNames | None = None, tls_options: Any = None,
-        users: UserDatabase | None = None,
+        users: UserDatabase | None = None, space: FreeSpace | None = None,
     ) -> None:
         self.config = config
+        self.space = space  # free space in the queue's file system, checked at MAIL
         # STARTTLS is offered with these (an IOpenSSLServerConnectionCreator, built by
         # relayhub.tls when the worker starts); AUTH is offered with `users`.
         self.tls_options = tls_options

@@ -9,6 +9,7 @@ from typing import Any
 from relayhub.admission import SMTP_SERVICES, Admission
 from relayhub.config import Settings
 from relayhub.directory import Directory
+from relayhub.queue.space import FreeSpace
 from relayhub.queue.store import QueueStore
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory, SMTPServerProtocol
 
@@ -23,6 +24,8 @@ class SMTPService:
     def __init__(self, settings: Settings, store: QueueStore, directory: Directory,
                  reactor: Any, *, admission: Admission, on_queued: Callable[[str], None],
                  tls_options: Any = None) -> None:
+        space = FreeSpace(settings.server.state_dir, settings.queue.min_free_space,
+                          reactor.seconds)
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
@@ -30,7 +33,7 @@ class SMTPService:
                              masquerade=settings.domains.masquerade),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
-                users=directory.users,
+                users=directory.users, space=space,
             )
             for service in SMTP_SERVICES
         }
