@@ -397,4 +397,5 @@ class QueueManager(Service):
             maillog.DELIVERY, queue_id=message.queue_id, recipient=recipient.address,
             relay=result.relay, delay=f"{now - message.arrival:.1f}", status=result.status,
             verb=verb, text=result.text, tls=result.tls or "none",
+            verified=result.verified or "none",
         )
