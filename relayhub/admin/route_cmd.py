@@ -85,6 +85,8 @@ async def _route_one(reactor: Any, settings: Settings, router: Router,
             "next_hop": {"type": "local", "mailbox": route.mailbox, "known": known,
                          "maildir": str(settings.server.state_dir / "mail" / route.mailbox)},
             "tls": None,
+            "mta_sts": None,
+            "dane": None,
         }
     hop = await _smtp_hop(reactor, settings, route)
     return {
