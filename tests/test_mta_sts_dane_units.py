@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnsserver import DNSServer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.names import dns
 
 from relayhub.config import parse_settings
@@ -30,7 +31,13 @@ from relayhub.delivery.mta_sts import (
     parse_policy,
     parse_txt,
 )
-from relayhub.delivery.mta_sts_source import CachedPolicy, PolicyCache
+from relayhub.delivery.mta_sts_source import (
+    REFRESH_RETRY,
+    CachedPolicy,
+    FetchError,
+    MtaStsPolicies,
+    PolicyCache,
+)
 from relayhub.dnssec import TLSA, SecureResolver, trusted_resolvers
 
 # --------------------------------------------------------------------------- MTA-STS
@@ -236,3 +243,86 @@ def test_policy_cache_round_trip(tmp_path: Path) -> None:
     cache.store(dataclasses.replace(entry, id="def"))
     loaded = cache.load("example.com")
     assert loaded is not None and loaded.id == "def" and loaded.expires == 1e9 + 600
+
+
+class StubFetcher:
+    """Stands in for the DNS and HTTPS side of MtaStsPolicies: what a domain publishes now."""
+
+    def __init__(self) -> None:
+        self.txt_id: str | None = "1"
+        self.policy_mode = "enforce"
+        self.fail = False
+        self.fetches = 0
+        self.gate: Deferred[None] | None = None  # holds fetches until fired
+
+    async def record(self, domain: str) -> StsRecord | None:
+        return StsRecord(self.txt_id) if self.txt_id else None
+
+    async def policy(self, domain: str) -> Policy:
+        self.fetches += 1
+        if self.gate is not None:
+            await self.gate
+        if self.fail:
+            raise FetchError("HTTPS server down")
+        return Policy(self.policy_mode, ("mx.example.com",), 1000)
+
+
+def test_policies_are_cached_refreshed_and_kept(reactor_thread: ReactorThread,
+                                                tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    fetcher, logged = StubFetcher(), []
+
+    def policies() -> MtaStsPolicies:
+        return MtaStsPolicies(reactor_thread.reactor, fetcher, PolicyCache(tmp_path),  # type: ignore[arg-type]
+                              log=lambda fmt, **kw: logged.append(fmt.format(**kw)),
+                              clock=lambda: now[0])
+
+    def mode(source: MtaStsPolicies) -> str | None:
+        found = reactor_thread.run(
+            lambda: Deferred.fromCoroutine(source.policy_for("Example.COM")))
+        return None if found is None else f"{found.id}:{found.policy.mode}"
+
+    def settle() -> None:  # let a background refresh finish (it writes the cache file)
+        deadline = time.monotonic() + 10
+        while reactor_thread.run(lambda: second.refreshing) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    first = policies()
+    assert mode(first) == "1:enforce" and fetcher.fetches == 1
+    assert mode(first) == "1:enforce" and fetcher.fetches == 1  # from the cache
+    # A restart reads the cache file; with the TXT record gone the policy still holds.
+    fetcher.txt_id = None
+    second = policies()
+    assert mode(second) == "1:enforce" and fetcher.fetches == 1
+    # A new id: the cached policy serves now, the new one is fetched in the background.
+    fetcher.txt_id, fetcher.policy_mode = "2", "testing"
+    assert mode(second) == "1:enforce"
+    settle()
+    assert mode(second) == "2:testing" and fetcher.fetches == 2
+    # A failed refresh keeps the cached policy (and is logged).
+    fetcher.txt_id, fetcher.fail = "3", True
+    now[0] += REFRESH_RETRY + 1
+    assert mode(second) == "2:testing"
+    settle()
+    assert mode(second) == "2:testing" and fetcher.fetches == 3
+    assert any("not refreshed, the cached one stays" in line for line in logged)
+    # Expired and not refreshable: no policy (RFC 8461 §5).
+    now[0] += 1000
+    assert mode(second) is None
+
+
+def test_concurrent_first_deliveries_share_one_fetch(reactor_thread: ReactorThread,
+                                                     tmp_path: Path) -> None:
+    fetcher = StubFetcher()
+    source = MtaStsPolicies(reactor_thread.reactor, fetcher, PolicyCache(tmp_path),  # type: ignore[arg-type]
+                            log=lambda fmt, **kw: None)
+
+    def both() -> Deferred[list[Any]]:
+        fetcher.gate = Deferred()
+        waiting = gatherResults([Deferred.fromCoroutine(source.policy_for("example.com"))
+                                 for _ in range(3)])
+        fetcher.gate.callback(None)
+        return waiting
+
+    results = reactor_thread.run(both)
+    assert fetcher.fetches == 1 and {r.id for r in results} == {"1"}

@@ -233,6 +233,8 @@ class MtaStsPolicies:
         self._clock = clock
         self._memory: dict[str, CachedPolicy | None] = {}
         self._refreshing: set[str] = set()
+        # One fetch per domain at a time: the deliveries that want it meanwhile wait here.
+        self._fetching: dict[str, list[defer.Deferred[CachedPolicy]]] = {}
         self._last_try: dict[str, float] = {}
 
     async def policy_for(self, domain: str) -> CachedPolicy | None:
@@ -240,10 +242,12 @@ class MtaStsPolicies:
         domain = domain.lower()
         if domain not in self._memory:
             try:
-                self._memory[domain] = await threads.deferToThread(self._cache.load, domain)
+                loaded = await threads.deferToThread(self._cache.load, domain)
             except (sqlite3.Error, OSError) as problem:
                 self._log(STS_CACHE_FAILED, path=str(self._cache.path), error=str(problem))
-                self._memory[domain] = None
+                loaded = None
+            # A fetch that finished while the file was read is newer than what it held.
+            self._memory.setdefault(domain, loaded)
         cached = self._memory[domain]
         now = self._clock()
         if cached is not None and cached.expires <= now:
@@ -265,7 +269,29 @@ class MtaStsPolicies:
             self._log(STS_NO_POLICY, domain=domain, error=str(problem))
             return None  # RFC 8461 §5: no valid policy means no policy
 
+    @property
+    def refreshing(self) -> bool:
+        """Whether a background refresh is under way (for tests and shutdown)."""
+        return bool(self._refreshing)
+
     async def _fetch(self, domain: str, record: StsRecord) -> CachedPolicy:
+        """Fetch and keep the policy; deliveries to the same domain meanwhile share it."""
+        if domain in self._fetching:
+            waiting: defer.Deferred[CachedPolicy] = defer.Deferred()
+            self._fetching[domain].append(waiting)
+            return await waiting
+        self._fetching[domain] = []
+        try:
+            entry = await self._fetch_now(domain, record)
+        except Exception as problem:
+            for waiter in self._fetching.pop(domain):
+                waiter.errback(problem)
+            raise
+        for waiter in self._fetching.pop(domain):
+            waiter.callback(entry)
+        return entry
+
+    async def _fetch_now(self, domain: str, record: StsRecord) -> CachedPolicy:
         self._last_try[domain] = self._clock()
         policy = await self._fetcher.policy(domain)
         entry = CachedPolicy(domain, record.id, policy, self._clock())

@@ -132,13 +132,17 @@ class HopPlan:
         self.hop = hop
         self.sts = sts
         self._dane_ok = dane_ok  # the MX RRset (if any) is secure and a resolver is trusted
+        self._dane: dict[tuple[str, int], DaneStatus] = {}  # per host: once per delivery
 
     async def for_target(self, target: Target) -> TLSPolicy | tuple[str, str]:
         """The TLS policy for a session with `target`, or (status, text) when the host must
         not get the mail at all."""
         planner, base = self._planner, self._planner.base
         if self._dane_ok and planner.secure is not None and not _is_ip(target.host):
-            status = await host_status(planner.secure, target.host, target.port)
+            key = (target.host, target.port)
+            if key not in self._dane:
+                self._dane[key] = await host_status(planner.secure, target.host, target.port)
+            status = self._dane[key]
             if status.error is not None:
                 return ("4.7.5", f"DANE: TLSA lookup of {status.name} failed, so {target} "
                                  f"is not used: {status.error}")
