@@ -39,6 +39,8 @@ POLICIES = {
     "testing.example": "mode: testing\nmx: mx.testing.example\nmax_age: 86400\n",
     "notlisted.example": "mode: enforce\nmx: *.elsewhere.example\nmax_age: 86400\n",
     "cached.example": "mode: enforce\nmx: *.cached.example\nmax_age: 86400\n",
+    # DANE beats MTA-STS: this policy would refuse the MX host that DANE vouches for.
+    "both.example": "mode: enforce\nmx: *.elsewhere.example\nmax_age: 86400\n",
 }
 
 
@@ -124,7 +126,7 @@ def _zone(port: int, tlsa_good: bytes, tlsa_other: bytes) -> dict[str, Any]:
     zone: dict[str, Any] = {}
     addresses = {"enforce": "127.13.0.31", "wrongcert": "127.13.0.32", "testing": "127.13.0.33",
                  "cached": "127.13.0.34", "dane": "127.13.0.41", "danebad": "127.13.0.42",
-                 "daneinsecure": "127.13.0.43"}
+                 "daneinsecure": "127.13.0.43", "both": "127.13.0.44"}
     for name, address in addresses.items():
         zone[f"{name}.example"] = {"MX": [(10, f"mx.{name}.example")]}
         zone[f"mx.{name}.example"] = {"A": [address]}
@@ -134,12 +136,14 @@ def _zone(port: int, tlsa_good: bytes, tlsa_other: bytes) -> dict[str, Any]:
         zone[f"mta-sts.{domain}"] = {"A": [CACHED_POLICY_HOST if domain == "cached.example"
                                            else POLICY_HOST]}
     zone[f"_{port}._tcp.mx.dane.example"] = {"TLSA": [(3, 1, 1, tlsa_good)]}
+    zone[f"_{port}._tcp.mx.both.example"] = {"TLSA": [(3, 1, 1, tlsa_good)]}
     zone[f"_{port}._tcp.mx.danebad.example"] = {"TLSA": [(3, 1, 1, tlsa_other)]}
     zone[f"_{port}._tcp.mx.daneinsecure.example"] = {"TLSA": [(3, 1, 1, tlsa_other)]}
     return zone
 
 
-SECURE = ["dane.example", "mx.dane.example", "danebad.example", "mx.danebad.example"]
+SECURE = ["dane.example", "mx.dane.example", "danebad.example", "mx.danebad.example",
+          "both.example", "mx.both.example"]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,7 @@ def world(reactor_thread: ReactorThread, tmp_path_factory: pytest.TempPathFactor
         "127.13.0.41": dane_context,
         "127.13.0.42": certificate(stranger, "mx.danebad.example")[0],
         "127.13.0.43": certificate(stranger, "mx.daneinsecure.example")[0],
+        "127.13.0.44": dane_context,  # the same key: the TLSA record fits
     }
     sinks = {address: SMTPSink(rt, host=address, port=port, extensions=starttls,
                                tls_context=context) for address, context in contexts.items()}
@@ -171,7 +176,8 @@ def world(reactor_thread: ReactorThread, tmp_path_factory: pytest.TempPathFactor
     https = {host: rt.run(lambda h=host: rt.reactor.listenSSL(443, site, https_options,
                                                               interface=h))
              for host in (POLICY_HOST, CACHED_POLICY_HOST)}
-    secure = [*SECURE, f"_{port}._tcp.mx.dane.example", f"_{port}._tcp.mx.danebad.example"]
+    secure = [*SECURE, *(f"_{port}._tcp.mx.{name}.example" for name in ("dane", "danebad",
+                                                                         "both"))]
     zone = _zone(port, dane_spki, other_spki)
     with DNSServer(rt, zone, secure=secure) as dns, \
             pytest.MonkeyPatch.context() as patch:
@@ -262,6 +268,12 @@ def test_dane_mismatching_certificate_is_deferred(world: World) -> None:
     assert error.startswith("4.7.5 "), error
     assert "DANE: the certificate matches no TLSA record" in error
     assert world.sinks["127.13.0.42"].messages() == []
+
+
+def test_dane_beats_mta_sts(world: World) -> None:
+    queue_id = world.send("user@both.example")
+    world.sinks["127.13.0.44"].wait_messages(1, timeout=20)
+    assert ", verified=dane, " in world.delivery_line(queue_id, "user@both.example")
 
 
 def test_tlsa_records_without_the_ad_bit_are_ignored(world: World) -> None:

@@ -554,14 +554,13 @@ class _Session:
         if not reply.ok:
             if required:
                 raise _SessionOver("4.7.4", f"TLS is required{self.tls.why}, but host "
-                                   f"{self.relay} refused"
-                                   f" to start TLS: {reply.text}")
+                                   f"{self.relay} refused to start TLS: {reply.text}")
             return  # the session state is unchanged, so plaintext may go on (RFC 3207 §4)
         # Without "verify" TLS encrypts but authenticates nobody (Postfix's "may", "encrypt").
         options: Any = ssl.optionsForClientTLS(
             self.tls.server_name or self.host, trustRoot=self.tls.trust_root
         ) if self.tls.mode == "verify" else ssl.CertificateOptions()
-        if self.tls.check is not None:
+        if self.tls.check is not None:  # MTA-STS or DANE: judged after the handshake
             options = self.tls.check.client_options(self.host)
         try:
             await self.protocol.start_tls(options, self.timeouts.helo)
