@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet import error as internet_error
 from twisted.internet.defer import TimeoutError as QueryTimeout
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.names import dns
 from twisted.names import error as names_error
 
@@ -55,6 +57,12 @@ class _Controller:
     def messageReceived(self, message: dns.Message, protocol: Any, address: Any = None) -> None:
         pass
 
+    def connectionMade(self, protocol: Any) -> None:
+        pass
+
+    def connectionLost(self, protocol: Any) -> None:
+        pass
+
 
 class _ADQueryProtocol(dns.DNSDatagramProtocol):
     def writeMessage(self, message: dns.Message, address: Any) -> None:
@@ -62,8 +70,17 @@ class _ADQueryProtocol(dns.DNSDatagramProtocol):
         super().writeMessage(message, address)
 
 
+class _ADStreamProtocol(dns.DNSProtocol):
+    """The same over TCP, for answers too large for UDP."""
+
+    def writeMessage(self, message: dns.Message) -> None:
+        message.authenticData = 1
+        super().writeMessage(message)
+
+
 class SecureResolver:
-    """Asks `servers` in turn (each `timeout` seconds per try) over UDP."""
+    """Asks `servers` in turn (each `timeout` seconds per try) over UDP, and over TCP when
+    an answer comes truncated."""
 
     def __init__(self, reactor: Any, servers: Sequence[tuple[str, int]],
                  timeout: Sequence[float] = (1, 3)) -> None:
@@ -93,13 +110,34 @@ class SecureResolver:
                 if message.rCode != dns.OK:
                     problem = f"rcode {message.rCode}"
                     continue
-                if message.trunc:
-                    problem = "truncated answer over UDP"  # see README: no TCP retry
-                    continue
+                if message.trunc:  # too large for UDP: ask the same server over TCP
+                    try:
+                        message = await self._ask_tcp(server, query, wait)
+                    except (QueryTimeout, names_error.DNSQueryTimeoutError):
+                        problem = "timed out over TCP"
+                        continue
+                    except (OSError, internet_error.ConnectError) as failure:
+                        problem = str(failure)
+                        continue
+                    if message.rCode != dns.OK:
+                        problem = f"rcode {message.rCode} over TCP"
+                        continue
                 records = tuple(r.payload for r in message.answers if r.type == qtype)
                 return SecureAnswer(records, bool(message.authenticData))
         kind = dns.QUERY_TYPES.get(qtype, "TLSA" if qtype == TLSA else str(qtype))
         raise TemporaryDNSError(f"DNSSEC lookup of {name} type={kind} failed: {problem}")
+
+    async def _ask_tcp(self, server: tuple[str, int], query: dns.Query,
+                       timeout: float) -> dns.Message:
+        kind = TCP6ClientEndpoint if ":" in server[0] else TCP4ClientEndpoint
+        endpoint = kind(self._reactor, server[0], server[1], timeout=timeout)
+        protocol: Any = await endpoint.connect(
+            Factory.forProtocol(lambda: _ADStreamProtocol(_Controller(), self._reactor)))
+        try:
+            message: dns.Message = await protocol.query([query], timeout)
+            return message
+        finally:
+            protocol.transport.loseConnection()
 
     async def _ask(self, server: tuple[str, int], query: dns.Query,
                    timeout: float) -> dns.Message:

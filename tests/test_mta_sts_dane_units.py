@@ -228,6 +228,10 @@ def test_secure_resolver_reports_the_ad_bit(reactor_thread: ReactorThread) -> No
         tlsa = ask("_25._tcp.signed.example", TLSA)
         assert tlsa.secure and parse_tlsa(tlsa.records[0].data) == TLSARecord(
             3, 1, 1, b"\x01" * 32)
+        over_tcp = reactor_thread.run(lambda: Deferred.fromCoroutine(resolver._ask_tcp(
+            server.nameservers[0], dns.Query(b"signed.example", dns.A, dns.IN), 2)))
+        assert over_tcp.authenticData and over_tcp.answers[0].payload.dottedQuad() == \
+            "127.0.0.5"
         missing = ask("missing.example", dns.A)
         assert not missing.exists and not missing.secure
         server.set_secure([])

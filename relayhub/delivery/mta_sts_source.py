@@ -203,9 +203,14 @@ class PolicyFetcher:
             raise
         except Exception as problem:  # connect, TLS and HTTP errors have no common base
             raise FetchError(f"fetching {url} failed: {_reason(problem)}") from None
-        if response.code != 200:
+        media_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        refused = (f"HTTP status {response.code}" if response.code != 200 else
+                   # RFC 8461 §3.3: the policy is served as text/plain.
+                   f"media type {media_type.decode('latin-1')!r} is not text/plain"
+                   if not media_type.lower().startswith(b"text/plain") else None)
+        if refused is not None:
             response.deliverBody(Protocol())  # read and drop
-            raise FetchError(f"fetching {url}: HTTP status {response.code}")
+            raise FetchError(f"fetching {url}: {refused}")
         body: defer.Deferred[bytes] = defer.Deferred()
         response.deliverBody(_LimitedBody(body))
         try:

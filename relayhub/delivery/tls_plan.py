@@ -96,7 +96,7 @@ class RequirementCheck:
     def judge(self, connection: SSL.Connection) -> tuple[str, str | None]:
         req = self.requirement
         if req.level == "dane":
-            chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+            chain = [c.to_cryptography() for c in connection.get_peer_cert_chain() or []]
             record, why = match_chain(chain, req.tlsa, req.host)
             if record is not None:
                 return "dane", None
