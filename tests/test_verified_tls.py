@@ -126,7 +126,8 @@ def _zone(port: int, tlsa_good: bytes, tlsa_other: bytes) -> dict[str, Any]:
     zone: dict[str, Any] = {}
     addresses = {"enforce": "127.13.0.31", "wrongcert": "127.13.0.32", "testing": "127.13.0.33",
                  "cached": "127.13.0.34", "dane": "127.13.0.41", "danebad": "127.13.0.42",
-                 "daneinsecure": "127.13.0.43", "both": "127.13.0.44"}
+                 "daneinsecure": "127.13.0.43", "both": "127.13.0.44",
+                 "daneplain": "127.13.0.45"}
     for name, address in addresses.items():
         zone[f"{name}.example"] = {"MX": [(10, f"mx.{name}.example")]}
         zone[f"mx.{name}.example"] = {"A": [address]}
@@ -137,13 +138,15 @@ def _zone(port: int, tlsa_good: bytes, tlsa_other: bytes) -> dict[str, Any]:
                                            else POLICY_HOST]}
     zone[f"_{port}._tcp.mx.dane.example"] = {"TLSA": [(3, 1, 1, tlsa_good)]}
     zone[f"_{port}._tcp.mx.both.example"] = {"TLSA": [(3, 1, 1, tlsa_good)]}
+    # Only a record relayhub cannot use (full certificate, exact match): still TLS-only.
+    zone[f"_{port}._tcp.mx.daneplain.example"] = {"TLSA": [(3, 0, 0, b"\x30\x82")]}
     zone[f"_{port}._tcp.mx.danebad.example"] = {"TLSA": [(3, 1, 1, tlsa_other)]}
     zone[f"_{port}._tcp.mx.daneinsecure.example"] = {"TLSA": [(3, 1, 1, tlsa_other)]}
     return zone
 
 
 SECURE = ["dane.example", "mx.dane.example", "danebad.example", "mx.danebad.example",
-          "both.example", "mx.both.example"]
+          "both.example", "mx.both.example", "daneplain.example", "mx.daneplain.example"]
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +173,15 @@ def world(reactor_thread: ReactorThread, tmp_path_factory: pytest.TempPathFactor
     }
     sinks = {address: SMTPSink(rt, host=address, port=port, extensions=starttls,
                                tls_context=context) for address, context in contexts.items()}
+    sinks["127.13.0.45"] = SMTPSink(rt, host="127.13.0.45", port=port)  # no STARTTLS
     requests: list[str] = []
     site = Site(_Policies(requests))
     https_options = certificate(ca, *(f"mta-sts.{d}" for d in POLICIES))[0]
     https = {host: rt.run(lambda h=host: rt.reactor.listenSSL(443, site, https_options,
                                                               interface=h))
              for host in (POLICY_HOST, CACHED_POLICY_HOST)}
-    secure = [*SECURE, *(f"_{port}._tcp.mx.{name}.example" for name in ("dane", "danebad",
-                                                                         "both"))]
+    secure = [*SECURE, *(f"_{port}._tcp.mx.{name}.example"
+                         for name in ("dane", "danebad", "both", "daneplain"))]
     zone = _zone(port, dane_spki, other_spki)
     with DNSServer(rt, zone, secure=secure) as dns, \
             pytest.MonkeyPatch.context() as patch:
@@ -268,6 +272,14 @@ def test_dane_mismatching_certificate_is_deferred(world: World) -> None:
     assert error.startswith("4.7.5 "), error
     assert "DANE: the certificate matches no TLSA record" in error
     assert world.sinks["127.13.0.42"].messages() == []
+
+
+def test_secure_tlsa_records_forbid_plaintext(world: World) -> None:
+    queue_id = world.send("user@daneplain.example")
+    error = world.deferred_error(queue_id)
+    assert error.startswith(f"4.7.4 TLS is required by DANE (TLSA records at _{world.port}"
+                            "._tcp.mx.daneplain.example), but was not offered"), error
+    assert world.sinks["127.13.0.45"].messages() == []
 
 
 def test_dane_beats_mta_sts(world: World) -> None:
