@@ -119,6 +119,9 @@ class DeliverySettings:
     tls: str
     smtp_port: int
     nameservers: tuple[tuple[str, int], ...]  # empty: use /etc/resolv.conf
+    mta_sts: bool = True  # RFC 8461 policies of destinations are honoured
+    dane: bool = True  # RFC 7672 TLSA records, only with the AD bit of a trusted resolver
+    dnssec_nameservers: tuple[tuple[str, int], ...] = ()  # empty: `nameservers` on loopback
 
 
 @dataclass(frozen=True)
@@ -600,6 +603,9 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "tls": (_choice("none", "opportunistic", "required", "verify"), "opportunistic"),
         "smtp_port": (_integer(1, 65535), 25),
         "nameservers": (_array(_nameserver), []),
+        "mta_sts": (_boolean, True),
+        "dane": (_boolean, True),
+        "dnssec_nameservers": (_array(_nameserver), []),
     }),
     "aliases": (AliasesSettings, {"file": (_path, _under_state_dir("aliases"))}),
     "users": (UsersSettings, {"file": (_path, _under_state_dir("users"))}),

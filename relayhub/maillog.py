@@ -32,11 +32,18 @@ CHILD_STOPPED = "{name} stopped (pid {pid} {why})"
 
 # Queue manager and couriers.
 DELIVERY = (
-    "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, tls={tls}, dsn={status}, "
+    "{queue_id}: to=<{recipient}>, relay={relay}, delay={delay}, tls={tls}, "
+    "verified={verified}, dsn={status}, "
     "status={verb} ({text})"
 )
 REMOVED = "{queue_id}: removed"
 RECOVERED = "released {count} recipients left in flight by a previous run"
+# Outbound TLS policies of destinations (relayhub.delivery.tls_plan).
+STS_TESTING = "MTA-STS policy of {domain} (testing): {failure}; delivered to {host} anyway"
+STS_REFRESH_FAILED = "MTA-STS policy of {domain} not refreshed, the cached one stays: {error}"
+STS_NO_POLICY = "MTA-STS policy of {domain} not available, delivering without it: {error}"
+STS_CACHE_FAILED = "MTA-STS policy cache {path} not usable: {error}"
+STS_FETCHED = "MTA-STS policy of {domain} fetched: id={id}, mode={mode}, max_age={max_age}"
 NOTICE = "{queue_id}: sender {kind} notification: {notice_id}"
 DOUBLE_BOUNCE = "{queue_id}: undeliverable postmaster notification discarded"
 

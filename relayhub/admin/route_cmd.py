@@ -12,6 +12,7 @@ from relayhub.address import Mailbox, parse_forward_path
 from relayhub.admin.aliases_cmd import load_names
 from relayhub.admin.cli import EXIT_OK, EXIT_USAGE, Commands, add_command
 from relayhub.admin.queue_cmd import command, print_json, printable, say_error
+from relayhub.admin.route_tls import dane_lines, dane_part, mta_sts_lines, mta_sts_part
 from relayhub.aliases import AliasFileError, LocalNames
 from relayhub.config import Settings
 from relayhub.dns import DNSError, MXResolver
@@ -84,11 +85,16 @@ async def _route_one(reactor: Any, settings: Settings, router: Router,
             "next_hop": {"type": "local", "mailbox": route.mailbox, "known": known,
                          "maildir": str(settings.server.state_dir / "mail" / route.mailbox)},
             "tls": None,
+            "mta_sts": None,
+            "dane": None,
         }
+    hop = await _smtp_hop(reactor, settings, route)
     return {
         "recipient": address,
-        "next_hop": await _smtp_hop(reactor, settings, route),
+        "next_hop": hop,
         "tls": {"mode": settings.delivery.tls, "meaning": TLS_MEANING[settings.delivery.tls]},
+        "mta_sts": await mta_sts_part(reactor, settings, route.next_hop),
+        "dane": await dane_part(reactor, settings, route.next_hop, hop),
     }
 
 
@@ -151,6 +157,8 @@ def _hop_lines(route: dict[str, Any]) -> list[str]:
         lines.append(f"    DNS:   {hop['error']}")
     lines += [f"    try:   {a['host']}[{a['address']}]:{a['port']}" for a in hop["addresses"]]
     lines.append(f"  TLS:       {route['tls']['mode']}: {route['tls']['meaning']}")
+    lines += mta_sts_lines(route["mta_sts"])
+    lines += dane_lines(route["dane"])
     return lines
 
 

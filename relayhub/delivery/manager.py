@@ -398,4 +398,5 @@ class QueueManager(Service):
             relay=result.relay, delay=f"{now - message.arrival:.1f}", status=result.status,
             verb=verb, text=result.text, tls=result.tls or "none",
             next_hop=self.router.next_hop_class(recipient.address),  # for relayhub.metrics
+            verified=result.verified or "none",
         )

@@ -13,6 +13,7 @@ from twisted.internet import defer, threads
 from relayhub.config import NextHop
 from relayhub.delivery.interfaces import Item, WorkSource
 from relayhub.delivery.results import AttemptResult, Outcome
+from relayhub.delivery.tls_plan import TLSPlanner
 from relayhub.dns import DNSError, MXResolver
 from relayhub.mime import body_traits, limit_line_length, to_7bit
 from relayhub.queue.store import QueueStore, StoredRecipient
@@ -67,7 +68,7 @@ class _Outbound:
 class RelayCourier:
     def __init__(self, reactor: Any, store: QueueStore, resolver: MXResolver, *,
                  helo_name: str, tls: TLSPolicy, default_port: int,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, planner: TLSPlanner | None = None) -> None:
         self.reactor = reactor
         self.store = store
         self.resolver = resolver
@@ -75,6 +76,7 @@ class RelayCourier:
         self.tls = tls
         self.default_port = default_port
         self.timeouts = timeouts or Timeouts()
+        self.planner = planner  # MTA-STS and DANE; None: `tls` for every host
 
     def deliver(self, hop: NextHop, work: WorkSource) -> defer.Deferred[None]:
         """Deliver what `work` hands over to `hop`, over one connection while it lasts."""
@@ -91,11 +93,19 @@ class RelayCourier:
         source = _Outbound(work, self._outbound)
         end: SessionEnd | None = None
         relay = "none"
+        plan = await self.planner.for_hop(hop) if self.planner is not None else None
         for target in targets:
             relay = str(target)  # host[address]:port, as the log and history show it
+            tls = self.tls
+            if plan is not None:
+                decided = await plan.for_target(target)
+                if isinstance(decided, tuple):  # MTA-STS or DANE rule this host out
+                    end = SessionEnd(False, False, (decided[0], decided[1], False))
+                    continue
+                tls = decided
             end = await run_session(
                 self.reactor, host=target.host, address=target.address, port=target.port,
-                source=source, helo_name=self.helo_name, tls=self.tls, timeouts=self.timeouts,
+                source=source, helo_name=self.helo_name, tls=tls, timeouts=self.timeouts,
             )
             if end.reached_transaction:
                 return  # that host spoke for the mail; the next MX is for unreachable ones

@@ -32,6 +32,7 @@ class AttemptResult:
     remote_reply: bool = False
     dsn_relayed: bool = False  # delivered to a hop without DSN: NOTIFY=SUCCESS gets "relayed"
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the hop spoke TLS
+    verified: str | None = None  # what authenticated the hop: "dane" | "mta-sts" | "ca" | "none"
 
     @classmethod
     def deferred(cls, recipient: str, status: str, text: str, relay: str = "none"

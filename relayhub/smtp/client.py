@@ -87,11 +87,24 @@ class Timeouts:
     quit: float = 60.0
 
 
+class PeerCheck(TypingProtocol):
+    """Judges a server's certificate after the handshake, before anything is sent over TLS:
+    MTA-STS and DANE (relayhub.delivery.tls_plan) decide per destination."""
+
+    def client_options(self, host: str) -> Any:
+        """The TLS connection creator for `host` (it must not abort the handshake itself)."""
+
+    def judge(self, connection: SSL.Connection) -> tuple[str, str | None]:
+        """(what was verified: "dane" | "mta-sts" | "ca" | "none", the failure or None)."""
+
+
 @dataclass(frozen=True)
 class TLSPolicy:
     mode: str = "opportunistic"  # "none" | "opportunistic" | "required" | "verify"
     trust_root: Any = None  # for optionsForClientTLS; None = the platform's trust store
     server_name: str | None = None  # the name to verify; None = the host name
+    check: PeerCheck | None = None  # replaces "verify"'s own check when set
+    why: str = ""  # who requires TLS, for refusals: " by the MTA-STS policy of example.com"
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "opportunistic", "required", "verify"):
@@ -336,6 +349,10 @@ class ClientProtocol(Protocol):
             self._tx.startTLS(options)
         return waiting
 
+    def tls_connection(self) -> SSL.Connection:
+        connection: SSL.Connection = self._tx.getHandle()
+        return connection
+
     def tls_description(self) -> str:
         connection = self._tx.getHandle()
         return f"{connection.get_protocol_version_name()} {connection.get_cipher_name()}"
@@ -484,6 +501,7 @@ class _Session:
     timeouts: Timeouts
     ext: Extensions = field(default_factory=Extensions)
     tls_used: str | None = None
+    verified: str = "none"
     over: _SessionOver | None = None
     needs_rset: bool = False
 
@@ -546,25 +564,33 @@ class _Session:
         required = self.tls.mode != "opportunistic"
         if "STARTTLS" not in self.ext:
             if required:
-                raise _SessionOver(
-                    "4.7.4", f"TLS is required, but was not offered by host {self.relay}")
+                raise _SessionOver("4.7.4", f"TLS is required{self.tls.why}, but was not "
+                                   f"offered by host {self.relay}")
             return
         reply = await self._command("STARTTLS", "sending STARTTLS", self.timeouts.helo)
         if not reply.ok:
             if required:
-                raise _SessionOver("4.7.4", f"TLS is required, but host {self.relay} refused"
-                                   f" to start TLS: {reply.text}")
+                raise _SessionOver("4.7.4", f"TLS is required{self.tls.why}, but host "
+                                   f"{self.relay} refused to start TLS: {reply.text}")
             return  # the session state is unchanged, so plaintext may go on (RFC 3207 §4)
         # Without "verify" TLS encrypts but authenticates nobody (Postfix's "may", "encrypt").
         options: Any = ssl.optionsForClientTLS(
             self.tls.server_name or self.host, trustRoot=self.tls.trust_root
         ) if self.tls.mode == "verify" else ssl.CertificateOptions()
+        if self.tls.check is not None:  # MTA-STS or DANE: judged after the handshake
+            options = self.tls.check.client_options(self.host)
         try:
             await self.protocol.start_tls(options, self.timeouts.helo)
         except _Trouble as trouble:
             raise _SessionOver("4.7.5", f"TLS handshake failed with {self.relay}: {trouble}"
                                ) from None
         self.tls_used = self.protocol.tls_description()
+        if self.tls.check is not None:
+            self.verified, failure = self.tls.check.judge(self.protocol.tls_connection())
+            if failure is not None:
+                raise _SessionOver("4.7.5", f"TLS with {self.relay}: {failure}")
+        elif self.tls.mode == "verify":
+            self.verified = "ca"
         await self._hello()
 
     def _result(self, rcpt: OutboundRecipient, outcome: Outcome, status: str, text: str, *,
@@ -573,7 +599,8 @@ class _Session:
                    and "SUCCESS" in rcpt.notify)
         return AttemptResult(rcpt.address, outcome, status, text, relay=self.relay,
                              remote_mta=self.host, remote_reply=remote, dsn_relayed=relayed,
-                             tls=self.tls_used)
+                             tls=self.tls_used,
+                             verified=self.verified if self.tls_used else None)
 
     def _from_reply(self, rcpt: OutboundRecipient, reply: Reply) -> AttemptResult:
         return self._result(rcpt, reply.outcome, reply.status, reply.text, remote=True)
