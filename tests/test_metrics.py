@@ -106,7 +106,8 @@ def test_processes_are_added_up() -> None:
 def test_json_keys_are_the_text_line_names() -> None:
     assert jsonlog.text_keys(maillog.DELIVERY) == (
         ("queue_id", "queue_id"), ("to", "recipient"), ("relay", "relay"), ("delay", "delay"),
-        ("tls", "tls"), ("dsn", "status"), ("status", "verb"), ("text", "text"))
+        ("tls", "tls"), ("verified", "verified"), ("dsn", "status"), ("status", "verb"),
+        ("text", "text"))
     assert dict(jsonlog.text_keys(maillog.REJECT))["from"] == "sender"
     assert jsonlog.text_keys("{a.b} {c[0]} {d!r:>5} {}") == (("a", "a"), ("c", "c"), ("d", "d"))
 
@@ -119,7 +120,8 @@ def test_child_json_objects_and_the_masters_own() -> None:
             jsonlog.ChildJsonObserver(lambda data: os.write(write_end, data) and None,
                                       "queue-manager", "queue-manager", 42)))
         child_log.info(maillog.DELIVERY, queue_id="Q1", recipient="a@example.org",
-                       relay="local", delay="0.1", tls="none", status="2.0.0", verb="sent",
+                       relay="local", delay="0.1", tls="none", verified="none", status="2.0.0",
+                       verb="sent",
                        text="ok", pid=7)
         first = json.loads(os.read(read_end, 65536).decode())
     finally:
@@ -202,7 +204,7 @@ def test_metrics_of_a_running_daemon(tmp_path: Path) -> None:
         worker = hub.child("worker")
         os.kill(worker, signal.SIGKILL)
         hub.child("worker", not_pid=worker)
-        hub.wait_for_log("worker-1.1 died after")
+        hub.wait_for_log("worker-1.1 pid")
         after = scrape(port)
         assert value(after, "relayhub_child_restarts_total", role="worker") == 1
         for key, old in flowing.items():
