@@ -81,6 +81,8 @@ class SmtpSettings:
     vrfy: str
     expn: str
     bare_newline: str
+    reverse_dns: bool  # forward-confirmed client names (relayhub.clientname)
+    reverse_dns_timeout: float  # the banner waits for the lookup at most this long
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class DeliverySettings:
     tls: str
     smtp_port: int
     nameservers: tuple[tuple[str, int], ...]  # empty: use /etc/resolv.conf
+
+
+@dataclass(frozen=True)
+class SendmailSettings:
+    allow_any_sender: bool  # may a non-root caller of relayhub-sendmail set -f freely
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,7 @@ class Settings:
     domains: DomainSettings
     routing: RoutingSettings
     delivery: DeliverySettings
+    sendmail: SendmailSettings
     aliases: AliasesSettings
     users: UsersSettings
     pop3: Pop3Settings
@@ -569,6 +577,8 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "vrfy": (_choice("all", "trusted", "off"), "trusted"),
         "expn": (_choice("all", "trusted", "off"), "trusted"),
         "bare_newline": (_choice("reject", "normalize"), "reject"),
+        "reverse_dns": (_boolean, True),
+        "reverse_dns_timeout": (_duration(allow_zero=False), "5s"),
     }),
     "tls": (TlsSettings, {
         "certificate": (_readable_file, ""),
@@ -594,6 +604,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "smtp_port": (_integer(1, 65535), 25),
         "nameservers": (_array(_nameserver), []),
     }),
+    "sendmail": (SendmailSettings, {"allow_any_sender": (_boolean, False)}),
     "aliases": (AliasesSettings, {"file": (_path, _under_state_dir("aliases"))}),
     "users": (UsersSettings, {"file": (_path, _under_state_dir("users"))}),
     "pop3": (Pop3Settings, {
