@@ -339,15 +339,13 @@ def test_mailx_sends_through_it(base: Path, dns: DNSServer, sink: SMTPSink) -> N
         wrapper = base / "sendmail-wrapper"
         wrapper.write_text(f'#!/bin/sh\nexec {SENDMAIL} -C {hub.config_path} "$@"\n')
         wrapper.chmod(0o755)
-        done = subprocess.run(
-            [mailx, "-s", "from mailx", "-a", "X-Test: 1", "postmaster@localhost"],
-            input=b"hello from mailx\n", capture_output=True, timeout=30,
-            env=dict(os.environ, HOME=str(base)), cwd=base)
-        del done  # bsd-mailx has no sendmail option; see the -S test below
+        # bsd-mailx runs `sendmail -i -t` (its `sendmail` variable names the program).
+        mailrc = base / "mailrc"
+        mailrc.write_text(f"set sendmail={wrapper}\n")
         done = subprocess.run(
             [mailx, "-s", "from mailx", "postmaster@localhost"],
             input=b"hello from mailx\n", capture_output=True, timeout=30,
-            env=dict(os.environ, HOME=str(base), sendmail=str(wrapper)), cwd=base)
+            env=dict(os.environ, HOME=str(base), MAILRC=str(mailrc)), cwd=base)
         assert done.returncode == 0, done.stderr
         [mail] = hub.wait(lambda: hub.mailbox("postmaster"))
         assert mail["Subject"] == "from mailx"
@@ -371,10 +369,12 @@ def test_git_send_email_sends_through_it(base: Path, dns: DNSServer, sink: SMTPS
             "--- a/file\n+++ b/file\n@@ -0,0 +1 @@\n+.\n")
         done = subprocess.run(
             [git, "-c", f"sendemail.sendmailCmd={SENDMAIL} -C {hub.config_path}",
-             "send-email", "--confirm=never", "--to=postmaster@localhost",
+             "send-email", "--confirm=never", "--to=postmaster@example.org",
              "--from=Dev <root@hub.test>", "--no-chain-reply-to", str(patch)],
             capture_output=True, timeout=60, cwd=base,
-            env=dict(os.environ, HOME=str(base), GIT_CONFIG_NOSYSTEM="1"))
+            env=dict(os.environ, HOME=str(base), GIT_CONFIG_NOSYSTEM="1",
+                     GIT_COMMITTER_NAME="Dev", GIT_COMMITTER_EMAIL="root@hub.test",
+                     GIT_AUTHOR_NAME="Dev", GIT_AUTHOR_EMAIL="root@hub.test"))
         assert done.returncode == 0, done.stderr + done.stdout
         [mail] = hub.wait(lambda: hub.mailbox("postmaster"))
         assert mail["Subject"] == "[PATCH] a change"
