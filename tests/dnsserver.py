@@ -6,6 +6,7 @@
         "nullmx.example": {"MX": [(0, ".")]},
         "servfail.example": "SERVFAIL",   # every query for the name: SERVFAIL
         "slow.example": "TIMEOUT",        # every query for the name: no answer at all
+        "1.0.0.127.in-addr.arpa": {"PTR": ["client.example"]},  # reverse_name("127.0.0.1")
     }
     with DNSServer(reactor_thread, zone) as server:
         resolver = MXResolver(reactor, server.nameservers)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+import ipaddress
 from typing import Any
 
 from twisted.internet import defer
@@ -28,14 +30,21 @@ from twisted.names import dns, server
 Zone = Mapping[str, Mapping[str, Sequence[Any]] | str]
 
 
+def reverse_name(address: str) -> str:
+    """The PTR owner name of an address: "4.3.2.1.in-addr.arpa", "...ip6.arpa"."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
 def _records(name: str, kind: str, values: Sequence[Any]) -> list[dns.RRHeader]:
     def payload(value: Any) -> Any:
         if kind == "MX":
             preference, host = value
             return dns.Record_MX(preference, b"" if host == "." else host.encode(), ttl=0)
+        if kind == "PTR":
+            return dns.Record_PTR(value.encode(), ttl=0)
         return {"A": dns.Record_A, "AAAA": dns.Record_AAAA}[kind](value, ttl=0)
 
-    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA}[kind]
+    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "PTR": dns.PTR}[kind]
     return [dns.RRHeader(name.encode(), qtype, ttl=0, payload=payload(v), auth=True)
             for v in values]
 

@@ -34,6 +34,7 @@ from relayhub import maillog
 from relayhub.address import Mailbox
 from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
+from relayhub.clientname import ClientNamer
 from relayhub.config import SmtpSettings
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
@@ -263,11 +264,27 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             authenticated=False,
             submission=self.config.submission,
         )
-        _LOG.info(maillog.CONNECT, client=self._client_label)
         self.factory.sessions.add(self)
         self.setTimeout(self.config.smtp.timeout)
+        # The name lookup runs beside the admission; the banner waits for both, and the
+        # lookup ends within its own timeout (relayhub.clientname).
+        named = self._name_client()
         self.factory.admission.admit(self.factory.service, self.client_address, trusted
+                                     ).addCallback(lambda refusal: named.addCallback(
+                                         lambda _: refusal)
                                      ).addCallbacks(self._admission, self._admission_failed)
+
+    def _name_client(self) -> defer.Deferred[None]:
+        namer = self.factory.namer
+        looked_up: defer.Deferred[str] = (
+            namer.name(self.client_address) if namer is not None
+            else defer.succeed(self.client_name))
+
+        def named(name: str) -> None:
+            self.client_name = name
+            _LOG.info(maillog.CONNECT, client=self._client_label)
+
+        return looked_up.addCallback(named)
 
     def _admission(self, refusal: str) -> None:
         self._admitted = not refusal
@@ -916,9 +933,10 @@ class SMTPServerFactory(ServerFactory):
         admission: Admission, *, service: str = "smtp",
         on_queued: Callable[[str], None] = lambda queue_id: None,
         names: LocalNames | None = None, tls_options: Any = None,
-        users: UserDatabase | None = None,
+        users: UserDatabase | None = None, namer: ClientNamer | None = None,
     ) -> None:
         self.config = config
+        self.namer = namer  # client names by forward-confirmed reverse DNS; None: "unknown"
         # STARTTLS is offered with these (an IOpenSSLServerConnectionCreator, built by
         # relayhub.tls when the worker starts); AUTH is offered with `users`.
         self.tls_options = tls_options

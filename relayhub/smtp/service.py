@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relayhub.admission import SMTP_SERVICES, Admission
+from relayhub.clientname import ClientNamer
 from relayhub.config import Settings
 from relayhub.directory import Directory
 from relayhub.queue.store import QueueStore
@@ -23,6 +24,9 @@ class SMTPService:
     def __init__(self, settings: Settings, store: QueueStore, directory: Directory,
                  reactor: Any, *, admission: Admission, on_queued: Callable[[str], None],
                  tls_options: Any = None) -> None:
+        namer = ClientNamer(reactor, settings.delivery.nameservers,
+                            settings.smtp.reverse_dns_timeout) if settings.smtp.reverse_dns \
+            else None
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
@@ -30,7 +34,7 @@ class SMTPService:
                              masquerade=settings.domains.masquerade),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
-                users=directory.users,
+                users=directory.users, namer=namer,
             )
             for service in SMTP_SERVICES
         }
