@@ -138,3 +138,30 @@ class ChunkedBody:
             self.defects.too_big = True
             return
         self._sink(chunk)
+
+
+class ChunkEncoder:
+    """Outbound: body bytes → BDAT chunk contents. No dot-stuffing (a chunk is counted, not
+    delimited); line ends still become CRLF and the message ends with one, so a bare CR or
+    LF never leaves the hub whatever the queue holds. Independent of how it is split."""
+
+    def __init__(self) -> None:
+        self._after_cr = False  # the last input byte was a CR, already sent as CRLF
+        self._at_line_start = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if not chunk:
+            return b""
+        self._after_cr = chunk.endswith(b"\r")
+        out = _WIRE_LINE_END.sub(_CRLF, chunk)
+        self._at_line_start = out.endswith(_CRLF)
+        return out
+
+    def finish(self) -> bytes:
+        """What ends the last chunk: CRLF if the last line lacked one."""
+        return b"" if self._at_line_start else _CRLF
+
+
+_WIRE_LINE_END = re.compile(rb"\r\n|\r|\n")
