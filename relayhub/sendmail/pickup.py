@@ -34,11 +34,14 @@ from relayhub.sendmail.maildrop import (
     rules_for,
     stale_temporaries,
 )
+from relayhub.sendmail.message import normalize_input
 from relayhub.smtp.headers import summarize_header
 
 _LOG = maillog.QMGR
 # A tmp. file this old belongs to a command that died before its commit.
 STALE_AGE = 86400.0
+# What a maildrop file may name as its protocol (anything else is written by hand: "local").
+PROTOCOLS = frozenset({"local", "SMTP", "ESMTP"})
 
 
 def pickup_received(hostname: str, uid: int, queue_id: str, now: float) -> bytes:
@@ -135,23 +138,27 @@ class Pickup:
                 if expanded.address.lower() not in seen:
                     seen.add(expanded.address.lower())
                     requests.append(expanded)
+        # relayhub-sendmail writes CRLF only; a file made by hand might not, and the queue
+        # must never hold a bare CR or LF (nothing would send one onward).
+        message = normalize_input(drop.message, ignore_dots=True)
         incoming = self.store.incoming()
         try:
             incoming.write(pickup_received(self.hostname, drop.uid, incoming.queue_id,
                                            self.reactor.seconds()))
-            incoming.write(drop.message)
+            incoming.write(message)
         except BaseException:
             incoming.abort()
             raise
-        summary = summarize_header(drop.message[:256 * 1024])
+        summary = summarize_header(message[:256 * 1024])
         await incoming.commit(Envelope(
             sender=envelope.sender, recipients=tuple(requests), body_type=envelope.body_type,
             smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid,
             client_name="localhost", client_address="127.0.0.1", helo=envelope.helo,
-            protocol=envelope.protocol, auth_user=None,
+            protocol=envelope.protocol if envelope.protocol in PROTOCOLS else "local",
+            auth_user=None,
         ), summary.subject)
         _LOG.info(maillog.PICKUP, queue_id=incoming.queue_id, uid=drop.uid,
-                  sender=envelope.sender, size=len(drop.message), nrcpt=len(requests))
+                  sender=envelope.sender, size=len(message), nrcpt=len(requests))
         await threads.deferToThread((self.directory / name).unlink, missing_ok=True)
         self.on_queued(incoming.queue_id)
 
