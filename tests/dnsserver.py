@@ -18,9 +18,9 @@ no records. Names are case-insensitive. `queries` records (name, type) of every 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-import ipaddress
 from typing import Any
 
 from twisted.internet import defer

@@ -194,10 +194,11 @@ def read_drop(directory: Path, name: str, max_size: int) -> Drop:
         fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as error:
         raise MaildropError(f"cannot open: {error.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise MaildropError("not a regular file")
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise MaildropError("not a regular file")
         if info.st_nlink != 1:
             raise MaildropError("has other links")
         if info.st_size > max_size:

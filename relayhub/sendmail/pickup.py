@@ -68,6 +68,9 @@ class Pickup:
         self._scanning: defer.Deferred[None] | None = None
         self._again = False
         self._seen_mtime = -1  # the maildrop's mtime when a scan last started
+        # Entries that could not be taken in nor removed (a directory someone made there):
+        # skipped from then on, so that they cannot hold up the files behind them.
+        self._stuck: set[str] = set()
 
     def scan_if_changed(self) -> defer.Deferred[None] | None:
         """Scan when the maildrop changed since the last scan: the queue manager is woken
@@ -104,7 +107,15 @@ class Pickup:
     async def _scan_all(self) -> None:
         names: list[str] = await threads.deferToThread(self._list)
         for name in names:
-            await self._take(name)
+            if name in self._stuck:
+                continue
+            try:
+                await self._take(name)
+            except OSError as problem:
+                # One bad entry must not hold up the others; the file (if it is one) stays
+                # and is tried again at the next scan.
+                _LOG.error("maildrop file {name} not taken in: {problem}", name=name,
+                           problem=str(problem))
 
     def _list(self) -> list[str]:
         if not self.directory.is_dir():
@@ -164,4 +175,7 @@ class Pickup:
 
     async def _discard(self, name: str, uid: int, why: str) -> None:
         _LOG.warn(maillog.PICKUP_REFUSED, name=name, uid=uid, why=why)
-        await threads.deferToThread((self.directory / name).unlink, missing_ok=True)
+        try:
+            await threads.deferToThread((self.directory / name).unlink, missing_ok=True)
+        except OSError:
+            self._stuck.add(name)
