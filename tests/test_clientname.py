@@ -59,7 +59,7 @@ def test_lookup_ends_at_its_timeout(reactor_thread: ReactorThread, dns: DNSServe
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory, dns: DNSServer) -> Iterator[Hub]:
     running = Hub(tmp_path_factory.mktemp("hub"), {
-        "smtp": {"reverse_dns_timeout": "1s"},
+        "smtp": {"reverse_dns": True, "reverse_dns_timeout": "1s"},
         "delivery": {"nameservers": [f"127.0.0.1:{dns.port}"]},
         "routing": {"transport": {"parked.example": "[127.0.0.1]:9"}},
         "domains": {"trusted_networks": ["127.0.0.0/8"]},

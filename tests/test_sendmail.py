@@ -335,6 +335,22 @@ def test_bp_lists_and_q_flushes(base: Path, dns: DNSServer, sink: SMTPSink) -> N
         hub.stop()
 
 
+def test_exit_statuses_are_sysexits(tmp_path: Path) -> None:
+    config = tmp_path / "relayhub.toml"
+    config.write_text(f'[server]\nhostname = "hub.test"\nstate_dir = "{tmp_path / "none"}"\n')
+
+    def status(*argv: str, stdin: bytes = b"Subject: x\n\nx\n") -> int:
+        return subprocess.run([str(SENDMAIL), *argv], input=stdin, capture_output=True,
+                              timeout=30).returncode
+
+    assert status("-C", str(config), "-bv", "a@b") == 64  # EX_USAGE
+    assert status("-C", str(config), "-t", stdin=b"Subject: nobody\n\nx\n") == 64
+    assert status("-C", str(config), "postmaster") == 75  # EX_TEMPFAIL: no state directory
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[smtp]\nnonsense = 1\n")
+    assert status("-C", str(broken), "postmaster") == 78  # EX_CONFIG
+
+
 # ----------------------------------------------------------------------------- real callers
 
 
