@@ -242,6 +242,8 @@ def test_with_the_daemon_stopped_mail_waits_in_the_maildrop(base: Path, dns: DNS
     assert time.monotonic() - started < 10
     assert len(list((hub.state_dir / "maildrop").iterdir())) == 1
     assert not hub.mailbox("postmaster")
+    listing = sendmail(hub, "-bp")
+    assert listing.returncode == 0 and b"1 message in the maildrop" in listing.stdout, listing
     hub.start()
     try:
         [mail] = hub.wait(lambda: hub.mailbox("postmaster"))

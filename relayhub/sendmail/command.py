@@ -32,6 +32,7 @@ from relayhub.sendmail.maildrop import (
     SenderRules,
     ensure_maildrop,
     maildrop_path,
+    pending,
     rules_for,
 )
 from relayhub.sendmail.message import prepare_message
@@ -141,6 +142,14 @@ def drop(settings: Settings, data: bytes, envelope: DropEnvelope) -> str:
     return writer.token
 
 
+def maildrop_count(state_dir: Path) -> int:
+    """Messages dropped and not yet picked up (0 when we may not look, as non-root)."""
+    try:
+        return len(pending(maildrop_path(state_dir)))
+    except OSError:
+        return 0
+
+
 def wake_daemon(state_dir: Path) -> bool:
     """Ask a running daemon to look at once; False when there is none or we may not ask
     (the socket is for the service user and root): it then polls within seconds."""
@@ -172,7 +181,13 @@ def run(argv: list[str], stdin: bytes | None = None) -> int:
         from relayhub.admin.cli import run as relayhubctl
 
         words = ["queue", "list"] if options.mode == "list" else ["queue", "flush"]
-        return relayhubctl([*(["-c", options.config] if options.config else []), *words])
+        status = relayhubctl([*(["-c", options.config] if options.config else []), *words])
+        if options.mode == "list":
+            waiting = maildrop_count(settings.server.state_dir)
+            if waiting:
+                print(f"({waiting} message{'s' * (waiting != 1)} in the maildrop, not yet "
+                      "picked up by relayhub)")
+        return status
     if options.mode == "newaliases":
         print("relayhub re-reads its aliases file by itself; nothing to do")
         return EX_OK
