@@ -197,6 +197,13 @@ def sink(reactor_thread: object) -> Iterator[SMTPSink]:
         yield server
 
 
+def open_to_users(hub: Hub) -> Hub:
+    """Wait until the queue manager has made the maildrop (it may come after the banner)."""
+    drop = hub.state_dir / "maildrop"
+    hub.wait(lambda: drop.is_dir() and drop.stat().st_mode & 0o7777 == 0o1733)
+    return hub
+
+
 def make_hub(base: Path, dns: DNSServer, sink: SMTPSink, **sendmail: object) -> Hub:
     return Hub(base, {
         "server": {"hostname": "hub.test"},
@@ -274,7 +281,7 @@ def test_bs_speaks_smtp_on_stdin_and_stdout(base: Path, dns: DNSServer,
 
 def test_a_non_root_user_cannot_forge_a_remote_sender(base: Path, dns: DNSServer,
                                                       sink: SMTPSink) -> None:
-    hub = make_hub(base, dns, sink).start()
+    hub = open_to_users(make_hub(base, dns, sink).start())
     try:
         forged = sendmail(hub, "-f", "ceo@bank.example", "-i", "postmaster", user="nobody",
                           stdin=b"Subject: forged\n\nx\n")
@@ -315,7 +322,7 @@ def test_a_non_root_user_cannot_forge_a_remote_sender(base: Path, dns: DNSServer
 
 
 def test_allow_any_sender_lets_users_choose(base: Path, dns: DNSServer, sink: SMTPSink) -> None:
-    hub = make_hub(base, dns, sink, allow_any_sender=True).start()
+    hub = open_to_users(make_hub(base, dns, sink, allow_any_sender=True).start())
     try:
         done = sendmail(hub, "-f", "list@lists.example", "-i", "postmaster", user="nobody",
                         stdin=b"Subject: as list\n\nx\n")
