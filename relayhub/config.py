@@ -81,6 +81,8 @@ class SmtpSettings:
     vrfy: str
     expn: str
     bare_newline: str
+    reverse_dns: bool  # forward-confirmed client names (relayhub.clientname)
+    reverse_dns_timeout: float  # the banner waits for the lookup at most this long
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ class DeliverySettings:
     mta_sts: bool = True  # RFC 8461 policies of destinations are honoured
     dane: bool = True  # RFC 7672 TLSA records, only with the AD bit of a trusted resolver
     dnssec_nameservers: tuple[tuple[str, int], ...] = ()  # empty: `nameservers` on loopback
+
+
+@dataclass(frozen=True)
+class SendmailSettings:
+    allow_any_sender: bool  # may a non-root caller of relayhub-sendmail set -f freely
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,7 @@ class Settings:
     domains: DomainSettings
     routing: RoutingSettings
     delivery: DeliverySettings
+    sendmail: SendmailSettings
     aliases: AliasesSettings
     users: UsersSettings
     pop3: Pop3Settings
@@ -579,6 +587,8 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "vrfy": (_choice("all", "trusted", "off"), "trusted"),
         "expn": (_choice("all", "trusted", "off"), "trusted"),
         "bare_newline": (_choice("reject", "normalize"), "reject"),
+        "reverse_dns": (_boolean, True),
+        "reverse_dns_timeout": (_duration(allow_zero=False), "5s"),
     }),
     "tls": (TlsSettings, {
         "certificate": (_readable_file, ""),
@@ -607,6 +617,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "dane": (_boolean, True),
         "dnssec_nameservers": (_array(_nameserver), []),
     }),
+    "sendmail": (SendmailSettings, {"allow_any_sender": (_boolean, False)}),
     "aliases": (AliasesSettings, {"file": (_path, _under_state_dir("aliases"))}),
     "users": (UsersSettings, {"file": (_path, _under_state_dir("users"))}),
     "pop3": (Pop3Settings, {

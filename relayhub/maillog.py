@@ -60,3 +60,7 @@ STARTTLS_PIPELINED = "{client}: discarded {size} bytes sent after STARTTLS befor
 AUTH_OK = "{client}: sasl_method={method}, sasl_username={user}"
 AUTH_FAILED = "warning: {client}: SASL {method} authentication failed: user=<{user}>"
 QUEUED_AUTHENTICATED = QUEUED + ", sasl_method={method}, sasl_username={user}"
+
+# relayhub-sendmail's maildrop, as the daemon's pickup takes it in.
+PICKUP = "{queue_id}: uid={uid} from=<{sender}>, size={size}, nrcpt={nrcpt} (pickup)"
+PICKUP_REFUSED = "warning: maildrop file {name} from uid={uid} discarded: {why}"

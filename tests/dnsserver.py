@@ -8,6 +8,7 @@
         "slow.example": "TIMEOUT",        # every query for the name: no answer at all
         "_mta-sts.example.com": {"TXT": ["v=STSv1; id=1"]},   # one string per record
         "_25._tcp.mx1.example.com": {"TLSA": [(3, 1, 1, sha256_of_spki)]},
+        "1.0.0.127.in-addr.arpa": {"PTR": ["client.example"]},  # reverse_name("127.0.0.1")
     }
     with DNSServer(reactor_thread, zone, secure={"_25._tcp.mx1.example.com"}) as server:
         resolver = MXResolver(reactor, server.nameservers)
@@ -21,6 +22,7 @@ resolver's would for DNSSEC-signed data.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -33,6 +35,11 @@ Zone = Mapping[str, Mapping[str, Sequence[Any]] | str]
 TLSA = 52  # RFC 6698
 
 
+def reverse_name(address: str) -> str:
+    """The PTR owner name of an address: "4.3.2.1.in-addr.arpa", "...ip6.arpa"."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
 def _records(name: str, kind: str, values: Sequence[Any]) -> list[dns.RRHeader]:
     def payload(value: Any) -> Any:
         if kind == "MX":
@@ -43,9 +50,12 @@ def _records(name: str, kind: str, values: Sequence[Any]) -> list[dns.RRHeader]:
         if kind == "TLSA":  # twisted.names has no TLSA class: the RDATA as it is on the wire
             usage, selector, matching, data = value
             return dns.UnknownRecord(bytes([usage, selector, matching]) + data, ttl=0)
+        if kind == "PTR":
+            return dns.Record_PTR(value.encode(), ttl=0)
         return {"A": dns.Record_A, "AAAA": dns.Record_AAAA}[kind](value, ttl=0)
 
-    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "TXT": dns.TXT, "TLSA": TLSA}[kind]
+    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "TXT": dns.TXT, "TLSA": TLSA,
+             "PTR": dns.PTR}[kind]
     return [dns.RRHeader(name.encode(), qtype, ttl=0, payload=payload(v), auth=True)
             for v in values]
 

@@ -75,7 +75,10 @@ class Hub:
         self.log_path = directory / "relayhub.log"
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": "hub.test", "state_dir": str(self.state_dir), "workers": 1},
-            "smtp": {"listen": [f"tcp:{self.smtp_port}:interface=127.0.0.1"]},
+            # No client-name lookups through the machine's resolver: a test must not wait
+            # on whatever DNS the host has (tests/test_clientname.py turns them on).
+            "smtp": {"listen": [f"tcp:{self.smtp_port}:interface=127.0.0.1"],
+                     "reverse_dns": False},
             "pop3": {"listen": [f"tcp:{self.pop3_port}:interface=127.0.0.1"]},
             "domains": {"local": ["localhost", "example.org"], "relay": ["relay.example"]},
         }

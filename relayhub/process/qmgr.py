@@ -16,12 +16,16 @@ from relayhub.directory import Directory, LastGood
 from relayhub.metrics import ProcessMetrics
 from relayhub.process import child, commands
 from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.sendmail.pickup import Pickup
 
 _LOG = Logger(namespace="relayhub.qmgr")
 
 # A body file with no queue entry after this long belongs to a session that died mid-DATA
 # (the SMTP timeout bounds how long a live session can take to commit one).
 ORPHAN_AGE = 3600.0
+# relayhub-sendmail wakes us when it can; callers who cannot use the control socket wait
+# at most this long for their message to be picked up.
+PICKUP_POLL = 5.0
 
 
 class _Locator(child.ChildLocator):
@@ -32,6 +36,8 @@ class _Locator(child.ChildLocator):
     @commands.Wake.responder
     def wake(self) -> dict[str, Any]:
         self.process.manager.wake()
+        if self.process.manager.running:
+            self.process.pickup.scan_if_changed()
         return {}
 
     @commands.Metrics.responder
@@ -64,6 +70,15 @@ class QueueManagerProcess(MultiService):
             on_queued=lambda queue_id: self.manager.wake())
         # Sessions that died mid-DATA leave body files nobody will commit.
         TimerService(ORPHAN_AGE, self._collect_orphans).setServiceParent(self)
+        self.pickup = Pickup(settings, self.store, lambda: self.directory.names, reactor,
+                             on_queued=lambda queue_id: self.manager.wake())
+        TimerService(PICKUP_POLL, self.pick_up).setServiceParent(self)
+
+    def pick_up(self) -> defer.Deferred[None] | None:
+        """Take in relayhub-sendmail's maildrop (once the queue manager runs)."""
+        if not self.manager.running:
+            return None
+        return self.pickup.scan()
 
     def _collect_orphans(self) -> defer.Deferred[Any] | None:
         if not self.manager.running:
@@ -75,8 +90,17 @@ class QueueManagerProcess(MultiService):
     def startService(self) -> None:
         super().startService()
         child.connect_master(self.reactor, self.locator)
-        self.store.open().addCallbacks(
-            lambda _: self.manager.startService(), self._cannot_open)
+        self.store.open().addCallbacks(self._opened, self._cannot_open)
+
+    def _opened(self, _: object) -> None:
+        self.manager.startService()
+        try:
+            self.pickup.prepare()
+        except OSError as problem:
+            _LOG.error("relayhub-sendmail's maildrop is not usable: {problem}",
+                       problem=str(problem))
+            return
+        self.pick_up()
 
     def _cannot_open(self, failure: Any) -> None:
         _LOG.failure("cannot open the queue store", failure)

@@ -35,9 +35,12 @@ from relayhub.address import xtext_encode
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.errors import SMTPReply
 from relayhub.sendnow import send_now
+from relayhub.smtp.bdat import ChunkEncoder
 from relayhub.smtp.encoder import DotStuffer
 
 CHUNK_SIZE = 64 * 1024
+# BDAT chunks (RFC 3030) when the next hop offers CHUNKING: large, one reply each.
+BDAT_CHUNK_SIZE = 1024 * 1024
 _MAX_REPLY_LINE = 4096  # RFC 5321 allows 512; an endless line means a broken or hostile peer
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
@@ -379,6 +382,10 @@ class ClientProtocol(Protocol):
             producer.resumeProducing()
         return waiting
 
+    def send_chunk(self, data: bytes, *, last: bool) -> None:
+        """One BDAT command with its chunk, in one write."""
+        self._tx.write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
+
     def body_progress(self, data: bytes, block_timeout: float) -> None:
         self._tx.write(data)
         if self._timer is not None:
@@ -656,8 +663,9 @@ class _Session:
         rcpts = message.recipients
         lines = [mail_command(message, self.ext), *(rcpt_command(r, self.ext) for r in rcpts)]
         pipelined = "PIPELINING" in self.ext
+        chunking = "CHUNKING" in self.ext  # BDAT instead of DATA (relayhub.smtp.bdat)
         if pipelined:  # RFC 2920: MAIL, every RCPT and DATA in one write, replies in order
-            self.protocol.send(*lines, "DATA")
+            self.protocol.send(*lines, *(() if chunking else ("DATA",)))
         mail = await self._command(None if pipelined else lines[0], "sending MAIL FROM", t.mail)
         accepted = []
         for i, rcpt in enumerate(rcpts):
@@ -671,7 +679,12 @@ class _Session:
                 results[i] = self._from_reply(rcpt, reply)
         if not mail.ok:
             results.update((i, self._from_reply(rcpt, mail)) for i, rcpt in enumerate(rcpts))
-        if not (accepted or pipelined):
+        if not (accepted or pipelined) or (chunking and not accepted):
+            return
+        if chunking:
+            end = await self._send_chunks(body)
+            self.needs_rset = not end.ok
+            results.update((i, self._from_reply(rcpts[i], end)) for i in accepted)
             return
         data = await self._command(None if pipelined else "DATA", "sending DATA", t.data)
         if data.code != 354:
@@ -691,6 +704,32 @@ class _Session:
             " may have been delivered, so it is not sent again now", t.dot)
         self.needs_rset = False
         results.update((i, self._from_reply(rcpts[i], end)) for i in accepted)
+
+
+    async def _send_chunks(self, body: BinaryIO) -> Reply:
+        """The body as BDAT chunks, each answered before the next is sent; the reply that
+        decides the message (to BDAT LAST, or the first refusal of a chunk)."""
+        t = self.timeouts
+        encoder = ChunkEncoder()
+        pending = b""
+        while True:
+            try:
+                raw = body.read(BDAT_CHUNK_SIZE)
+            except OSError as exc:
+                self.protocol.abort()  # mid-chunk nothing else can be said on this connection
+                raise _SessionOver(_BodyUnreadable.status, _BodyUnreadable(str(exc)).describe(
+                    self.relay, "sending the body")) from None
+            if not raw:
+                self.protocol.send_chunk(pending + encoder.finish(), last=True)
+                return await self._command(
+                    None, "waiting for the reply to BDAT LAST; the reply was lost and the "
+                    "message may have been delivered, so it is not sent again now", t.dot)
+            if pending:
+                self.protocol.send_chunk(pending, last=False)
+                reply = await self._command(None, "sending BDAT", t.data + t.block)
+                if not reply.ok:
+                    return reply
+            pending = encoder.encode(raw)
 
 
 def _connect_reason(exc: ConnectError) -> str:

@@ -34,6 +34,7 @@ from relayhub import maillog
 from relayhub.address import Mailbox
 from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
+from relayhub.clientname import ClientNamer
 from relayhub.config import SmtpSettings
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
@@ -47,6 +48,7 @@ from relayhub.pop3.auth import (
 from relayhub.queue.space import FreeSpace
 from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, RecipientRequest
 from relayhub.sendnow import send_now
+from relayhub.smtp.bdat import BadChunkSize, ChunkedBody, ChunkReader, parse_bdat
 from relayhub.smtp.data import DataReader
 from relayhub.smtp.headers import HeaderStage, received_header
 from relayhub.smtp.params import parse_mail, parse_rcpt
@@ -87,6 +89,7 @@ class ServerConfig:
 class _Mode(enum.Enum):
     COMMAND = "command"
     DATA = "data"
+    CHUNK = "chunk"  # counting off a BDAT chunk (relayhub.smtp.bdat)
     CLOSED = "closed"
 
 
@@ -103,6 +106,7 @@ class _Transaction:
     recipients: list[RecipientRequest] = field(default_factory=list)  # after alias expansion
     accepted: list[str] = field(default_factory=list)  # the RCPT addresses, as the client gave
     keys: set[str] = field(default_factory=set)  # Member.key of each recipient: each once
+    chunked: bool = False  # a BDAT came: DATA is refused in this transaction (RFC 3030)
 
 
 Reply = tuple[int, str, str] | list[str]  # (code, status, text), or ready-made lines
@@ -222,7 +226,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._esmtp = False
         self._transaction: _Transaction | None = None
         self._incoming: IncomingMessage | None = None
-        self._reader: DataReader | None = None
+        self._reader: DataReader | ChunkedBody | None = None
+        self._chunk: ChunkReader | None = None
+        self._chunk_reply: Reply | None = None  # the answer once the chunk has been read
         self._header_stage: HeaderStage | None = None
         self._errors = 0
         self._greeted = False  # our 220 has gone out
@@ -260,11 +266,27 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             authenticated=False,
             submission=self.config.submission,
         )
-        _LOG.info(maillog.CONNECT, client=self._client_label)
         self.factory.sessions.add(self)
         self.setTimeout(self.config.smtp.timeout)
+        # The name lookup runs beside the admission; the banner waits for both, and the
+        # lookup ends within its own timeout (relayhub.clientname).
+        named = self._name_client()
         self.factory.admission.admit(self.factory.service, self.client_address, trusted
+                                     ).addCallback(lambda refusal: named.addCallback(
+                                         lambda _: refusal)
                                      ).addCallbacks(self._admission, self._admission_failed)
+
+    def _name_client(self) -> defer.Deferred[None]:
+        namer = self.factory.namer
+        looked_up: defer.Deferred[str] = (
+            namer.name(self.client_address) if namer is not None
+            else defer.succeed(self.client_name))
+
+        def named(name: str) -> None:
+            self.client_name = name
+            _LOG.info(maillog.CONNECT, client=self._client_label)
+
+        return looked_up.addCallback(named)
 
     def _admission(self, refusal: str) -> None:
         self._admitted = not refusal
@@ -341,12 +363,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         if self._mode is _Mode.DATA:
             self._feed_data(data)
+        elif self._mode is _Mode.CHUNK:
+            self._feed_chunk(data)
         else:
             self._buffer += data
         self._process_commands()
 
     def _feed_data(self, data: bytes) -> None:
-        assert self._reader is not None
+        assert isinstance(self._reader, DataReader)
         leftover = self._reader.feed(data)
         if leftover is not None:
             # What follows <CRLF>.<CRLF> is pipelined commands: keep it for after the reply.
@@ -495,7 +519,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _ehlo_keywords(self) -> list[str]:
         keywords = ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME",
-                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+                    "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
         if self._starttls_offered:
             keywords.append("STARTTLS")
         if self._auth_offered:
@@ -580,6 +604,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return (501, "5.5.4", "Syntax: DATA")
         if txn is None:
             return (503, "5.5.1", "Error: need RCPT command")
+        if txn.chunked:
+            return (503, "5.5.1", "Error: DATA after BDAT")
         if not txn.recipients:
             return (554, "5.5.1", "Error: no valid recipients")
         try:
@@ -691,14 +717,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def smtp_RSET(self, arg: str) -> Reply:
         self._transaction = None
+        self._abort_incoming()  # a message begun by BDAT
         return (250, "2.0.0", "Ok")
 
     def smtp_NOOP(self, arg: str) -> Reply:
         return (250, "2.0.0", "Ok")
 
     def smtp_HELP(self, arg: str) -> Reply:
-        return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP"
-                              " STARTTLS AUTH")
+        return (214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN"
+                              " HELP STARTTLS AUTH")
 
     def _may_look_up(self, setting: str) -> bool:
         """[smtp].vrfy / .expn: "all", "trusted" (trusted network or authenticated), "off"."""
@@ -743,6 +770,83 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._send([f"221 2.0.0 {self.config.hostname} Bye"])
         self._close()
         return None
+
+    # -- CHUNKING (RFC 3030; the chunk logic is relayhub.smtp.bdat) ----------------------
+
+    def smtp_BDAT(self, arg: str) -> Outcome:
+        try:
+            size, last = parse_bdat(arg)
+        except BadChunkSize as bad:
+            # Without a size the chunk cannot be told from commands: end the session.
+            self._answer((bad.code, bad.status, bad.text))
+            self._close()
+            return None
+        txn = self._transaction
+        refusal: Reply | None = None
+        if txn is None:
+            refusal = (503, "5.5.1", "Error: need MAIL command")
+        elif not txn.recipients:
+            refusal = (554, "5.5.1", "Error: no valid recipients")
+        elif not txn.chunked:
+            refusal = self._begin_chunked(txn)
+        # A refused chunk is read all the same (RFC 3030 §2): its octets are never commands.
+        sink = self._discard_chunk if refusal is not None else self._chunked_body_feed
+        self._chunk = ChunkReader(size, sink)
+        self._chunk_reply = refusal if refusal is not None else (
+            None if last else (250, "2.0.0", f"Ok: {size} octets received"))
+        self._mode = _Mode.CHUNK
+        early, self._buffer = bytes(self._buffer), bytearray()
+        self._feed_chunk(early)
+        return None
+
+    def _begin_chunked(self, txn: _Transaction) -> Reply | None:
+        """The first BDAT of a transaction: open the message as DATA does."""
+        self._abort_incoming()
+        try:
+            incoming = self.store.incoming()
+        except TemporaryFailure as failure:
+            _LOG.error(maillog.STORE_FAILED, queue_id="NOQUEUE", client=self._client_label,
+                       error=str(failure))
+            return (failure.code, failure.status, failure.text)
+        txn.chunked = True
+        self._incoming = incoming
+        domains = self.config.masquerade
+        self._header_stage = HeaderStage(
+            incoming.write,
+            (lambda header: masquerade_headers(header, domains)) if txn.masquerade else None)
+        self._reader = ChunkedBody(
+            self._store_body, max_size=self.config.smtp.max_message_size,
+            max_line_length=self.config.smtp.max_line_length,
+            normalize_bare_newlines=self.config.smtp.bare_newline == "normalize")
+        incoming.write(with_comments(received_header(
+            helo=self._helo, client_name=self.client_name, client_address=self.client_address,
+            hostname=self.config.hostname, protocol=self._protocol_keyword,
+            queue_id=incoming.queue_id, recipients=txn.accepted,
+            now=self.factory.clock.seconds(),
+        ), trace_comments(self._tls, self._auth[0] if self._auth else None)))
+        return None
+
+    def _discard_chunk(self, data: bytes) -> None:
+        pass
+
+    def _chunked_body_feed(self, data: bytes) -> None:
+        assert isinstance(self._reader, ChunkedBody)
+        self._reader.feed(data)
+
+    def _feed_chunk(self, data: bytes) -> None:
+        assert self._chunk is not None
+        leftover = self._chunk.feed(data)
+        if leftover is None:
+            return
+        self._mode = _Mode.COMMAND
+        self._buffer += leftover
+        self._chunk, reply = None, self._chunk_reply
+        if reply is not None:
+            self._answer(reply)
+            return
+        assert isinstance(self._reader, ChunkedBody)
+        self._reader.finish()
+        self._end_of_data()
 
     # -- STARTTLS and AUTH -------------------------------------------------------------
 
@@ -839,9 +943,11 @@ class SMTPServerFactory(ServerFactory):
         on_queued: Callable[[str], None] = lambda queue_id: None,
         names: LocalNames | None = None, tls_options: Any = None,
         users: UserDatabase | None = None, space: FreeSpace | None = None,
+        namer: ClientNamer | None = None,
     ) -> None:
         self.config = config
         self.space = space  # free space in the queue's file system, checked at MAIL
+        self.namer = namer  # client names by forward-confirmed reverse DNS; None: "unknown"
         # STARTTLS is offered with these (an IOpenSSLServerConnectionCreator, built by
         # relayhub.tls when the worker starts); AUTH is offered with `users`.
         self.tls_options = tls_options

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relayhub.admission import SMTP_SERVICES, Admission
+from relayhub.clientname import ClientNamer
 from relayhub.config import Settings
 from relayhub.directory import Directory
 from relayhub.queue.space import FreeSpace
@@ -26,6 +27,9 @@ class SMTPService:
                  tls_options: Any = None) -> None:
         space = FreeSpace(settings.server.state_dir, settings.queue.min_free_space,
                           reactor.seconds)
+        namer = ClientNamer(reactor, settings.delivery.nameservers,
+                            settings.smtp.reverse_dns_timeout) if settings.smtp.reverse_dns \
+            else None
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
@@ -33,7 +37,7 @@ class SMTPService:
                              masquerade=settings.domains.masquerade),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
-                users=directory.users, space=space,
+                users=directory.users, space=space, namer=namer,
             )
             for service in SMTP_SERVICES
         }

@@ -1,0 +1,2 @@
+"""`relayhub-sendmail`: the Sendmail-compatible command for local programs, and the maildrop
+through which it hands messages to the daemon (see relayhub.sendmail.maildrop)."""
