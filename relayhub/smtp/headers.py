@@ -3,6 +3,7 @@ client's header section (hop count, subject) taken from a bounded prefix of the 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ def summarize_header(prefix: bytes) -> HeaderSummary:
     return HeaderSummary(len(_RECEIVED.findall(header)), subject)
 
 
+@functools.lru_cache(maxsize=2)
+def _rfc5322_date(second: int) -> str:
+    """The local date of `second`; every message of the same second shares one (a pure
+    function, cached because formatting a local time costs more than the rest of the
+    header)."""
+    return formatdate(second, localtime=True)
+
+
 def received_header(
     *,
     helo: str,
@@ -102,7 +111,7 @@ def received_header(
         f"Received: from {helo_part} ({client_name} [{client_address}])",
         f"\tby {hostname} (relayhub) with {protocol} id {queue_id}",
     ]
-    date = formatdate(now, localtime=True)
+    date = _rfc5322_date(int(now))
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
