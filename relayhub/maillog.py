@@ -49,3 +49,8 @@ STARTTLS_PIPELINED = "{client}: discarded {size} bytes sent after STARTTLS befor
 AUTH_OK = "{client}: sasl_method={method}, sasl_username={user}"
 AUTH_FAILED = "warning: {client}: SASL {method} authentication failed: user=<{user}>"
 QUEUED_AUTHENTICATED = QUEUED + ", sasl_method={method}, sasl_username={user}"
+
+# DKIM signing at acceptance (relayhub.dkim), worded as OpenDKIM logs it.
+DKIM_SIGNED = "{queue_id}: DKIM-Signature field added (s={selector}, d={domain})"
+DKIM_SKIPPED = "{queue_id}: not DKIM-signed: {reason}"
+DKIM_FAILED = "{queue_id}: DKIM signing failed, queued unsigned"

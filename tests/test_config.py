@@ -538,4 +538,4 @@ def test_twistd_refuses_bad_config(tmp_path: Path) -> None:
 def test_settings_type_is_exported() -> None:
     assert [f.name for f in dataclasses.fields(Settings)] == [
         "source", "server", "smtp", "tls", "domains", "routing", "delivery", "aliases",
-        "users", "pop3", "queue", "log"]
+        "users", "pop3", "queue", "log", "dkim"]

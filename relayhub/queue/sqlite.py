@@ -144,6 +144,21 @@ class _SQLiteIncoming(IncomingMessage):
                    subject)
         return self._store._enqueue(job)
 
+    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
+        if self._finished:
+            raise QueueStateError(f"{self.queue_id}: prepend after commit or abort")
+        if self._error is not None:
+            return
+        try:
+            self._file.flush()
+            with open(self._path, "r+b") as file:
+                prefix = make_prefix(file)
+                spool.insert_front(file, prefix)
+        except OSError as exc:
+            self._error = exc
+            return
+        self._size += len(prefix)
+
     def abort(self) -> None:
         if self._finished:
             return

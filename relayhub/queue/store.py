@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 
@@ -216,6 +217,14 @@ class IncomingMessage(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Forget this message: its body file is removed and nothing is queued."""
+
+    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
+        """Blocking, for a worker thread between the last `write` and `commit` (DKIM
+        signing): call `make_prefix` with the message written so far, readable from its
+        start, and put the bytes it returns in front of the message. An I/O error is kept
+        for `commit` to answer 451; an exception from `make_prefix` propagates and leaves
+        the message as it was."""
+        raise NotImplementedError(f"{type(self).__name__} cannot prepend")
 
 
 class QueueStore(abc.ABC):

@@ -35,6 +35,7 @@ from relayhub.address import Mailbox
 from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
+from relayhub.dkim import Signer, sign_incoming
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
@@ -80,6 +81,7 @@ class ServerConfig:
     # except on submission and for authenticated senders (SPEC §3: not rewritten there).
     masquerade: tuple[str, ...] = ()
     auth_failure_delay: float = 1.0  # before each 535: guessing passwords costs time
+    dkim: Signer | None = None  # signs mail from trusted or authenticated clients
 
 
 class _Mode(enum.Enum):
@@ -671,9 +673,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 return Failure(TemporaryFailure())
             return failure
 
-        self._wait_for(
-            incoming.commit(envelope, summary.subject).addCallbacks(queued, not_queued)
-        )
+        client, signer = self.client, self.config.dkim
+        signed = sign_incoming(signer, incoming, self.factory.clock) if signer and client and (
+            client.trusted or client.authenticated) else defer.succeed(None)
+        self._wait_for(signed.addCallback(lambda _: incoming.commit(envelope, summary.subject))
+                       .addCallbacks(queued, not_queued))
 
     def _abort_incoming(self) -> None:
         if self._incoming is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from relayhub.admission import SMTP_SERVICES, Admission
 from relayhub.config import Settings
 from relayhub.directory import Directory
+from relayhub.dkim import build_signer
 from relayhub.queue.store import QueueStore
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory, SMTPServerProtocol
 
@@ -23,11 +24,12 @@ class SMTPService:
     def __init__(self, settings: Settings, store: QueueStore, directory: Directory,
                  reactor: Any, *, admission: Admission, on_queued: Callable[[str], None],
                  tls_options: Any = None) -> None:
+        signer = build_signer(settings.dkim.entries())  # each key file read once per worker
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
                              submission=service in SUBMISSION_SERVICES,
-                             masquerade=settings.domains.masquerade),
+                             masquerade=settings.domains.masquerade, dkim=signer),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
                 users=directory.users,
