@@ -110,9 +110,9 @@ def algorithm(key: PrivateKey) -> str:
 
 
 def describe(key: PrivateKey) -> str:
-    """ "rsa-sha256 (2048 bits)" or "ed25519-sha256"."""
+    """ "rsa-sha256, 2048 bits" or "ed25519-sha256"."""
     if isinstance(key, rsa.RSAPrivateKey):
-        return f"rsa-sha256 ({key.key_size} bits)"
+        return f"rsa-sha256, {key.key_size} bits"
     return "ed25519-sha256"
 
 

@@ -6,6 +6,7 @@
         "nullmx.example": {"MX": [(0, ".")]},
         "servfail.example": "SERVFAIL",   # every query for the name: SERVFAIL
         "slow.example": "TIMEOUT",        # every query for the name: no answer at all
+        "s1._domainkey.example.org": {"TXT": ["v=DKIM1; k=rsa; p=..."]},  # in 255-octet strings
     }
     with DNSServer(reactor_thread, zone) as server:
         resolver = MXResolver(reactor, server.nameservers)
@@ -33,9 +34,12 @@ def _records(name: str, kind: str, values: Sequence[Any]) -> list[dns.RRHeader]:
         if kind == "MX":
             preference, host = value
             return dns.Record_MX(preference, b"" if host == "." else host.encode(), ttl=0)
+        if kind == "TXT":
+            data = value.encode()
+            return dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)], ttl=0)
         return {"A": dns.Record_A, "AAAA": dns.Record_AAAA}[kind](value, ttl=0)
 
-    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA}[kind]
+    qtype = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "TXT": dns.TXT}[kind]
     return [dns.RRHeader(name.encode(), qtype, ttl=0, payload=payload(v), auth=True)
             for v in values]
 
