@@ -4,6 +4,7 @@ dkimpy verifying what arrived against the record found in DNS."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import smtplib
@@ -188,3 +189,34 @@ def test_small_rsa_key_stops_the_daemon_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited 1"):
         hub.start()
     assert "Traceback" not in hub.log()
+
+
+def test_route_shows_the_signing_key(tmp_path: Path, dns_server: DNSServer) -> None:
+    rsa, ed = tmp_path / "rsa.key", tmp_path / "ed.key"
+    keygen(rsa, "org", "rsa")
+    keygen(ed, "ed", "ed25519")
+    hub = Hub(tmp_path, {
+        "delivery": {"nameservers": [f"127.0.0.1:{dns_server.port}"]},
+        "domains": {"masquerade": ["sales.example.org", "example.org"]},
+        "dkim": {"selector": "org", "private_key": str(rsa), "domains": ["example.org"],
+                 "key": [{"selector": "ed", "private_key": str(ed),
+                          "domains": ["sales.example.org"]}]}})
+    found = json_route(hub, "--from", "alice@eu.sales.example.org", "--client", "127.0.0.1")
+    assert found["dkim"]["key"] == {"selector": "ed", "domain": "sales.example.org",
+                                    "algorithm": "ed25519-sha256", "private_key": str(ed)}
+    assert found["dkim"]["signs"] is True
+    # Masqueraded to example.org first, so the example.org key signs; untrusted: not signed.
+    found = json_route(hub, "--from", "alice@host.example.org")
+    assert found["dkim"]["from_domain"] == "example.org"
+    assert found["dkim"]["key"]["selector"] == "org" and found["dkim"]["signs"] is False
+    assert json_route(hub, "--from", "x@elsewhere.test")["dkim"]["key"] is None
+    text = ctl(hub.config_path, "route", "bob@sink.example", "--from", "a@sales.example.org",
+               "--client", "127.0.0.1").stdout
+    assert ("dkim:        From: sales.example.org: s=ed d=sales.example.org ed25519-sha256 "
+            f"({ed}); signed at acceptance") in text
+
+
+def json_route(hub: Hub, *args: str) -> Any:
+    done = ctl(hub.config_path, "route", "bob@sink.example", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
