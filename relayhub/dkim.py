@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy, compress_whitespace
-from dkim.canonicalization import strip_trailing_whitespace as strip_line_ends
+from dkim.canonicalization import CanonicalizationPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
@@ -55,6 +54,11 @@ HEADER_LIMIT = 256 * 1024  # as relayhub.smtp.headers.HEADER_PREFIX_LIMIT: bigge
 CHUNK = 256 * 1024
 FIELD_NAME = b"DKIM-Signature"
 _CANONICALIZATION = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+# Relaxed body canonicalization as dkimpy's (strip_trailing_whitespace, then
+# compress_whitespace), but a single space is left alone instead of being replaced by
+# itself: prose has one at every word, and those substitutions were most of the cost.
+_TRAILING_WSP = re.compile(rb"[ \t]+(?=\r\n)")
+_WSP_RUN = re.compile(rb"[ \t]{2,}|\t")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
 _SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}"
                        r"[a-z0-9])?)*")
@@ -242,6 +246,17 @@ def valid_selector(text: str) -> bool:
 # --------------------------------------------------------------------------- signing
 
 
+def _relaxed(lines: bytes) -> bytes:
+    """Whole lines with trailing white space removed and runs of it made one space; the
+    regular expressions run only when a plain substring search finds work for them (a
+    regex scan costs ~50 ns per byte, a substring search almost nothing)."""
+    if b" \r\n" in lines or b"\t\r\n" in lines:
+        lines = _TRAILING_WSP.sub(b"", lines)
+    if b"\t" in lines or b"  " in lines:
+        lines = _WSP_RUN.sub(b" ", lines)
+    return lines
+
+
 class RelaxedBodyHash:
     """SHA-256 of a body under relaxed canonicalization (RFC 6376 §3.4.4), fed in chunks
     of any size; equal to hashing dkimpy's `Relaxed.canonicalize_body` of the whole."""
@@ -258,7 +273,7 @@ class RelaxedBodyHash:
             self._partial = data
             return
         self._partial = data[cut:]
-        self._lines(compress_whitespace(strip_line_ends(data[:cut])))
+        self._lines(_relaxed(data[:cut]))
 
     def _lines(self, lines: bytes) -> None:
         end = len(lines)
@@ -274,7 +289,9 @@ class RelaxedBodyHash:
 
     def digest(self) -> bytes:
         if self._partial:
-            self._lines(compress_whitespace(self._partial) + b"\r\n")
+            # As dkimpy: an unended last line is compressed but keeps its trailing space.
+            # (Never the case here: a stored body ends with CRLF.)
+            self._lines(_WSP_RUN.sub(b" ", self._partial) + b"\r\n")
             self._partial = b""
         return self._hash.digest()
 
@@ -320,7 +337,10 @@ def signature_field(key: SigningKey, domain: str, headers: Sequence[tuple[bytes,
     namelen = len(FIELD_NAME)
     unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=namelen)
     hasher = hashlib.sha256()
-    canonical = _CANONICALIZATION.canonicalize_headers([[n, v] for n, v in headers])
+    # Only the fields to sign, in their order: what dkimpy's select_headers would pick.
+    wanted = set(names)
+    canonical = _CANONICALIZATION.canonicalize_headers(
+        [[n, v] for n, v in headers if n.lower() in wanted])
     dkim.hash_headers(hasher, _CANONICALIZATION, canonical, names,
                       (FIELD_NAME, b" " + unsigned), None)
     fields[-1] = (b"b", base64.b64encode(key.sign(hasher.digest())))
