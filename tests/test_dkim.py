@@ -1,12 +1,14 @@
-"""Tests for relayhub.dkim's pure parts: key loading, key choice by domain, streaming body
-canonicalization, the signature field (checked with dkimpy's own verifier), the prepend
-of a spooled body, and the [dkim] configuration errors."""
+"""Tests for relayhub.dkim: key loading, key choice by domain, streaming body
+canonicalization, the signature field (checked with dkimpy's own verifier), the [dkim]
+configuration errors, and signing a message in the SQLite store before its commit."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
@@ -15,10 +17,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dkim.canonicalization import Relaxed
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 
 from relayhub import dkim as rdkim
 from relayhub.config import ConfigError, settings_from_text
 from relayhub.queue import spool
+from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.store import Envelope, RecipientRequest
+
+ENVELOPE = Envelope(sender="alice@example.org", recipients=(RecipientRequest("b@example.com"),))
 
 MESSAGE = (
     b"Received: from client.test (client.test [127.0.0.1])\r\n\tby hub.test (relayhub)\r\n"
@@ -209,3 +216,55 @@ def test_dkim_settings_entries(keys: dict[str, Path]) -> None:
     assert own == ("s1", keys["rsa"], ("example.org",), rdkim.DEFAULT_HEADERS)
     assert extra == ("ed", keys["ed25519"], ("example.net",), ("from", "subject"))
     assert settings_from_text("hub.toml", "").dkim.entries() == []
+
+
+# --------------------------------------------------------------------------- with the store
+
+
+class BrokenKey(rdkim.SigningKey):
+    def sign(self, digest: bytes) -> bytes:
+        raise RuntimeError("the HSM is on fire")
+
+
+def receive_signed(reactor_thread: Any, store: SQLiteQueueStore, signer: rdkim.Signer,
+                   body: bytes) -> str:
+    """On the reactor: write `body` (in 1000-byte chunks), sign, commit; the queue ID."""
+
+    def run() -> Deferred[str]:
+        incoming = store.incoming()
+        for start in range(0, len(body), 1000):
+            incoming.write(body[start:start + 1000])
+        return rdkim.sign_incoming(signer, incoming, reactor_thread.reactor).addCallback(
+            lambda _: incoming.commit(ENVELOPE)).addCallback(lambda _: incoming.queue_id)
+
+    return reactor_thread.run(run)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store(reactor_thread: Any, tmp_path: Path) -> Iterator[SQLiteQueueStore]:
+    s = SQLiteQueueStore(tmp_path)
+    reactor_thread.run(s.open)
+    yield s
+    reactor_thread.run(s.close)
+
+
+def test_signature_is_stored_in_front_of_the_body(reactor_thread: Any, store: SQLiteQueueStore,
+                                                  keys: dict[str, Path]) -> None:
+    signer = signer_for(keys["ed25519"])
+    body = MESSAGE + b"more text  \r\n" * 1000  # beyond one write buffer
+    queue_id = receive_signed(reactor_thread, store, signer, body)
+    stored = Path(store.body_path(queue_id)).read_bytes()
+    assert stored.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256;") and stored.endswith(body)
+    [message] = reactor_thread.run(store.list_messages)
+    assert message.size == len(stored)
+    assert dkim.verify(stored, dnsfunc=dns_for("s1", "example.org", signer.keys[0].key))
+
+
+def test_a_signing_failure_queues_the_message_unsigned(reactor_thread: Any,
+                                                      store: SQLiteQueueStore,
+                                                      keys: dict[str, Path]) -> None:
+    good = signer_for(keys["rsa"]).keys[0]
+    broken = rdkim.Signer((BrokenKey(good.selector, good.domains, good.headers, good.path,
+                                     good.key),))
+    queue_id = receive_signed(reactor_thread, store, broken, MESSAGE)
+    assert Path(store.body_path(queue_id)).read_bytes() == MESSAGE
