@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import dkim
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy
@@ -84,8 +85,9 @@ def load_private_key(path: Path) -> PrivateKey:
     except TypeError:
         raise DkimKeyError(f"{str(path)!r} is encrypted; store the key without a "
                            "passphrase (mode 0600)") from None
-    except (ValueError, Exception) as error:  # cryptography raises several kinds
-        raise DkimKeyError(f"{str(path)!r} is not a PEM private key ({error})") from None
+    except (ValueError, UnsupportedAlgorithm) as error:
+        why = str(error).split(". ")[0].rstrip(".")  # its first sentence; the rest is a URL
+        raise DkimKeyError(f"{str(path)!r} is not a PEM private key ({why})") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise DkimKeyError(f"{str(path)!r}: RSA key of {key.key_size} bits; at least "
@@ -93,8 +95,9 @@ def load_private_key(path: Path) -> PrivateKey:
         return key
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
-    raise DkimKeyError(f"{str(path)!r}: a {type(key).__name__.removeprefix('_')} key; DKIM "
-                       "signs with RSA (2048 bits or more) or Ed25519")
+    kind = type(key).__name__.removesuffix("PrivateKey")
+    raise DkimKeyError(f"{str(path)!r}: {kind} keys do not sign DKIM; use RSA (2048 bits or "
+                       "more) or Ed25519")
 
 
 def generate_key(kind: str, bits: int = MIN_RSA_BITS) -> PrivateKey:
