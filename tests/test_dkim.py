@@ -136,6 +136,22 @@ def test_streaming_body_hash_is_dkimpys(lines: list[bytes], tail: bytes, cuts: l
     assert hasher.digest() == expected
 
 
+FIELD_TEXT = st.lists(st.sampled_from([b"a", b"B c", b" ", b"\t", b"  x  ", b"\r\n ", b"\r\n\t",
+                                       b"<a@b>", b";"]), max_size=8).map(b"".join)
+
+
+@given(fields=st.lists(st.tuples(st.sampled_from([b"From", b"subject", b"X-Y"]),
+                                 FIELD_TEXT), min_size=1, max_size=5))
+def test_header_parsing_and_canonicalization_are_dkimpys(
+        fields: list[tuple[bytes, bytes]]) -> None:
+    header = b"".join(name + b":" + value.lstrip(b"\r\n") + b"\r\n" for name, value in fields)
+    expected = [(bytes(n), bytes(v)) for n, v in dkim.rfc822_parse(header + b"\r\n")[0]]
+    parsed = rdkim.parse_header(header)
+    assert parsed == expected
+    assert [rdkim.relaxed_field(n, v) + b"\r\n" for n, v in parsed] == [
+        n + b":" + v for n, v in Relaxed.canonicalize_headers(expected)]
+
+
 @pytest.mark.parametrize("size", [0, 10, 3000])
 def test_insert_front_moves_content_up(tmp_path: Path, size: int) -> None:
     path = tmp_path / "body"
