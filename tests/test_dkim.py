@@ -21,11 +21,13 @@ from twisted.internet.defer import Deferred
 
 from relayhub import dkim as rdkim
 from relayhub.config import ConfigError, settings_from_text
+from relayhub.policy import ClientContext
 from relayhub.queue import spool
 from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.queue.store import Envelope, RecipientRequest
 
 ENVELOPE = Envelope(sender="alice@example.org", recipients=(RecipientRequest("b@example.com"),))
+TRUSTED = ClientContext(address="10.0.0.1", trusted=True, authenticated=False)
 
 MESSAGE = (
     b"Received: from client.test (client.test [127.0.0.1])\r\n\tby hub.test (relayhub)\r\n"
@@ -243,15 +245,16 @@ class BrokenKey(rdkim.SigningKey):
 
 
 def receive_signed(reactor_thread: Any, store: SQLiteQueueStore, signer: rdkim.Signer,
-                   body: bytes) -> str:
-    """On the reactor: write `body` (in 1000-byte chunks), sign, commit; the queue ID."""
+                   body: bytes, client: ClientContext = TRUSTED) -> str:
+    """On the reactor, as the SMTP server's end of DATA: write `body` (in 1000-byte chunks),
+    commit with signing; the queue ID once the signing has been reported."""
 
     def run() -> Deferred[str]:
         incoming = store.incoming()
         for start in range(0, len(body), 1000):
             incoming.write(body[start:start + 1000])
-        return rdkim.sign_incoming(signer, incoming, reactor_thread.reactor).addCallback(
-            lambda _: incoming.commit(ENVELOPE)).addCallback(lambda _: incoming.queue_id)
+        signed = rdkim.signing_commit(signer, client, incoming, reactor_thread.reactor.seconds())
+        return signed(incoming.commit(ENVELOPE)).addCallback(lambda _: incoming.queue_id)
 
     return reactor_thread.run(run)  # type: ignore[no-any-return]
 
@@ -284,3 +287,14 @@ def test_a_signing_failure_queues_the_message_unsigned(reactor_thread: Any,
                                      good.key),))
     queue_id = receive_signed(reactor_thread, store, broken, MESSAGE)
     assert Path(store.body_path(queue_id)).read_bytes() == MESSAGE
+
+
+def test_only_trusted_or_authenticated_clients_are_signed(
+        reactor_thread: Any, store: SQLiteQueueStore, keys: dict[str, Path]) -> None:
+    signer = signer_for(keys["ed25519"])
+    outside = ClientContext(address="192.0.2.9", trusted=False, authenticated=False)
+    unsigned = receive_signed(reactor_thread, store, signer, MESSAGE, outside)
+    assert Path(store.body_path(unsigned)).read_bytes() == MESSAGE
+    user = ClientContext(address="192.0.2.9", trusted=False, authenticated=True)
+    signed = receive_signed(reactor_thread, store, signer, MESSAGE, user)
+    assert Path(store.body_path(signed)).read_bytes().startswith(b"DKIM-Signature: ")

@@ -95,6 +95,7 @@ class _Job:
     size: int
     envelope: Envelope
     subject: str
+    prefix: Callable[[BinaryIO], bytes] | None = None  # IncomingMessage.prepend
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class _SQLiteIncoming(IncomingMessage):
         # its end and only then answer 451.
         self._error: OSError | None = None
         self._finished = False
+        self._prefix: Callable[[BinaryIO], bytes] | None = None  # see prepend
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -141,23 +143,13 @@ class _SQLiteIncoming(IncomingMessage):
             self._store.stats.failures += 1
             return fail(TemporaryFailure())
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject)
+                   subject, self._prefix)
         return self._store._enqueue(job)
 
     def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
         if self._finished:
             raise QueueStateError(f"{self.queue_id}: prepend after commit or abort")
-        if self._error is not None:
-            return
-        try:
-            self._file.flush()
-            with open(self._path, "r+b") as file:
-                prefix = make_prefix(file)
-                spool.insert_front(file, prefix)
-        except OSError as exc:
-            self._error = exc
-            return
-        self._size += len(prefix)
+        self._prefix = make_prefix
 
     def abort(self) -> None:
         if self._finished:
@@ -377,6 +369,8 @@ class SQLiteQueueStore(QueueStore):
         identities: dict[int, spool.FileIdentity] = {}
         for i, job in enumerate(jobs):
             try:
+                if job.prefix is not None:
+                    jobs[i] = job = _with_prefix(job)
                 identities[i] = spool.sync_and_close(job.file)
             except OSError as exc:
                 errors[i] = exc
@@ -683,6 +677,16 @@ class SQLiteQueueStore(QueueStore):
         return deferToThreadPool(
             self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
         )
+
+
+def _with_prefix(job: _Job) -> _Job:
+    """Worker thread: the job's body with what its prefix function gives in front."""
+    assert job.prefix is not None
+    job.file.flush()
+    with open(job.path, "r+b") as file:
+        prefix = job.prefix(file)
+        spool.insert_front(file, prefix)
+    return replace(job, size=job.size + len(prefix))
 
 
 def _valid(selection: Selection) -> Selection:

@@ -219,11 +219,10 @@ class IncomingMessage(abc.ABC):
         """Forget this message: its body file is removed and nothing is queued."""
 
     def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
-        """Blocking, for a worker thread between the last `write` and `commit` (DKIM
-        signing): call `make_prefix` with the message written so far, readable from its
-        start, and put the bytes it returns in front of the message. An I/O error is kept
-        for `commit` to answer 451; an exception from `make_prefix` propagates and leaves
-        the message as it was."""
+        """Before `commit` (DKIM signing, relayhub.dkim): have the commit call `make_prefix`
+        off the reactor, just before the body is made durable, with the message as written
+        (a readable file at its start), and put the bytes it returns in front of it.
+        `make_prefix` must not raise; an I/O error fails the commit (451)."""
         raise NotImplementedError(f"{type(self).__name__} cannot prepend")
 
 

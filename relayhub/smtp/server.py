@@ -35,7 +35,7 @@ from relayhub.address import Mailbox
 from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.config import SmtpSettings
-from relayhub.dkim import Signer, sign_incoming
+from relayhub.dkim import Signer, signing_commit
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
@@ -673,11 +673,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 return Failure(TemporaryFailure())
             return failure
 
-        client, signer = self.client, self.config.dkim
-        signed = sign_incoming(signer, incoming, self.factory.clock) if signer and client and (
-            client.trusted or client.authenticated) else defer.succeed(None)
-        self._wait_for(signed.addCallback(lambda _: incoming.commit(envelope, summary.subject))
-                       .addCallbacks(queued, not_queued))
+        signed = signing_commit(self.config.dkim, self.client, incoming,
+                                self.factory.clock.seconds())
+        self._wait_for(
+            signed(incoming.commit(envelope, summary.subject)).addCallbacks(queued, not_queued)
+        )
 
     def _abort_incoming(self) -> None:
         if self._incoming is not None:
