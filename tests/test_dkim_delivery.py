@@ -220,3 +220,29 @@ def json_route(hub: Hub, *args: str) -> Any:
     done = ctl(hub.config_path, "route", "bob@sink.example", "--json", *args)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def test_key_chosen_after_masquerading(reactor_thread: ReactorThread, tmp_path: Path,
+                                       dns_server: DNSServer) -> None:
+    org, host = tmp_path / "org.key", tmp_path / "host.key"
+    keygen(org, "org", "ed25519")
+    keygen(host, "host", "ed25519")
+    port = free_port()
+    # Without masquerading, host.example.org's own key would sign.
+    hub = start_hub(tmp_path, dns_server, port, {
+        "selector": "org", "private_key": str(org), "domains": ["example.org"],
+        "key": [{"selector": "host", "private_key": str(host),
+                 "domains": ["host.example.org"]}]},
+        domains={"masquerade": ["example.org"]})
+    try:
+        with SMTPSink(reactor_thread, host="127.0.0.14", port=port) as sink:
+            hub.send(["bob@sink.example"],
+                     BODY.replace(b"alice@example.org", b"alice@host.example.org"),
+                     "alice@host.example.org")
+            [arrived] = sink.wait_messages(1)
+        assert arrived.body is not None
+        assert b"\r\nFrom: Alice <alice@example.org>\r\n" in arrived.body
+        [field] = signatures(arrived.body)
+        assert b"d=example.org;" in field and b"s=org;" in field
+    finally:
+        hub.stop()
