@@ -267,10 +267,11 @@ def store(reactor_thread: Any, tmp_path: Path) -> Iterator[SQLiteQueueStore]:
     reactor_thread.run(s.close)
 
 
+@pytest.mark.parametrize("lines", [10, 100_000])  # 2.4 MB: beyond one chunk and one buffer
 def test_signature_is_stored_in_front_of_the_body(reactor_thread: Any, store: SQLiteQueueStore,
-                                                  keys: dict[str, Path]) -> None:
+                                                  keys: dict[str, Path], lines: int) -> None:
     signer = signer_for(keys["ed25519"])
-    body = MESSAGE + b"more text  \r\n" * 1000  # beyond one write buffer
+    body = MESSAGE + b"more text  \r\n" * lines
     queue_id = receive_signed(reactor_thread, store, signer, body)
     stored = Path(store.body_path(queue_id)).read_bytes()
     assert stored.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256;") and stored.endswith(body)
