@@ -170,6 +170,34 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class DkimKeySettings:
+    """One [[dkim.key]] table."""
+
+    selector: str
+    private_key: Path
+    domains: tuple[str, ...]
+    headers: tuple[str, ...] | None  # None: those of [dkim]
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    """DKIM signing (relayhub.dkim); nothing is signed unless some key is configured."""
+
+    selector: str
+    private_key: Path | None
+    domains: tuple[str, ...]
+    headers: tuple[str, ...]
+    key: tuple[DkimKeySettings, ...]
+
+    def entries(self) -> list[tuple[str, Path, tuple[str, ...], tuple[str, ...]]]:
+        """(selector, private key, domains, headers) of every key, [dkim]'s own first."""
+        own = [(self.selector, self.private_key, self.domains, self.headers)
+               ] if self.selector and self.private_key else []
+        return own + [(k.selector, k.private_key, k.domains,
+                       self.headers if k.headers is None else k.headers) for k in self.key]
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str  # the file the settings came from, or BUILTIN_SOURCE
     server: ServerSettings
@@ -185,6 +213,7 @@ class Settings:
     queue: QueueSettings
     log: LogSettings
     metrics: MetricsSettings
+    dkim: DkimSettings
 
 
 # --------------------------------------------------------------------------- value syntax
@@ -534,6 +563,90 @@ def _transport(value: object) -> Mapping[str, NextHop]:
     return MappingProxyType(routes)
 
 
+def _dkim_selector(value: object) -> str:
+    from relayhub.dkim import valid_selector  # lazily: it brings dkimpy and cryptography
+
+    text = _string(value).lower()
+    if text and not valid_selector(text):
+        raise ValueError(f"{_quote(text)} is not a valid selector (DNS labels: a-z, 0-9, -)")
+    return text
+
+
+def _dkim_headers(value: object) -> tuple[str, ...]:
+    from relayhub.dkim import check_header_names
+
+    names = _array(_string)(value)
+    problems = check_header_names(names)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(name.lower() for name in names)
+
+
+_DKIM_KEY_PARSERS: Mapping[str, _Parser] = MappingProxyType({
+    "selector": _dkim_selector, "private_key": _path, "domains": _array(_domain_name),
+    "headers": _dkim_headers,
+})
+
+
+def _dkim_keys(value: object) -> tuple[DkimKeySettings, ...]:
+    """[[dkim.key]] tables: selector, private_key and domains required, headers optional."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise _expected("[[dkim.key]] tables", value)
+    keys, problems = [], []
+    for index, table in enumerate(value):
+        parsed: dict[str, Any] = {"headers": None}
+        for name, raw in table.items():
+            if name not in _DKIM_KEY_PARSERS:
+                problems.append((f"[{index}].{name}", _unknown("key", name,
+                                                               list(_DKIM_KEY_PARSERS))))
+                continue
+            try:
+                parsed[name] = _DKIM_KEY_PARSERS[name](raw)
+            except _Invalid as error:
+                problems += [(f"[{index}].{name}{sfx}", why) for sfx, why in error.problems]
+            except ValueError as error:
+                problems.append((f"[{index}].{name}", str(error)))
+        for name in ("selector", "private_key", "domains"):
+            if name not in table:
+                problems.append((f"[{index}].{name}", "is required in a [[dkim.key]] table"))
+            elif not parsed.get(name, True):
+                problems.append((f"[{index}].{name}", "must not be empty"))
+        if parsed.get("private_key"):
+            problems += [(f"[{index}].private_key", why)
+                         for _key, why in _dkim_key_problems("", parsed["private_key"])]
+        if len(parsed) == len(_DKIM_KEY_PARSERS):
+            keys.append(DkimKeySettings(**parsed))
+    if problems:
+        raise _Invalid(problems)
+    return tuple(keys)
+
+
+def _dkim_problems(dkim: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Half a [dkim] key, or a key file that cannot sign, stops start-up (one line each)."""
+    problems: list[tuple[str, str]] = []
+    selector, private_key = dkim.get("selector"), dkim.get("private_key")
+    if "selector" in dkim and "private_key" in dkim:
+        if bool(selector) != bool(private_key):
+            given, missing = ("selector", "private_key") if selector else ("private_key",
+                                                                           "selector")
+            problems.append((f"dkim.{given}", f"is set but dkim.{missing} is not"))
+        elif selector and not dkim.get("domains", True):
+            problems.append(("dkim.domains", "must name the From: domains to sign for"))
+    if selector and private_key:
+        problems += _dkim_key_problems("dkim.private_key", private_key)
+    return problems
+
+
+def _dkim_key_problems(key: str, path: Path) -> list[tuple[str, str]]:
+    from relayhub.dkim import DkimKeyError, load_private_key
+
+    try:
+        load_private_key(path)
+    except DkimKeyError as error:
+        return [(key, str(error))]
+    return []
+
+
 # --------------------------------------------------------------------------- schema
 
 _Values = Mapping[str, Mapping[str, Any]]  # section -> key -> parsed value
@@ -633,7 +746,20 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
     }),
     "log": (LogSettings, {"format": (_choice("text", "json"), "text")}),
     "metrics": (MetricsSettings, {"listen": (_ENDPOINTS, [])}),
+    "dkim": (DkimSettings, {
+        "selector": (_dkim_selector, ""),
+        "private_key": (lambda value: _path(value) if _string(value) else None, ""),
+        "domains": (_DOMAINS, []),
+        "headers": (_dkim_headers, _Computed(lambda _: list(_default_dkim_headers()))),
+        "key": (_dkim_keys, []),
+    }),
 })
+
+
+def _default_dkim_headers() -> tuple[str, ...]:
+    from relayhub.dkim import DEFAULT_HEADERS
+
+    return DEFAULT_HEADERS
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> str:
@@ -677,6 +803,7 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
         problems.append(("tls.private_key", "is set but tls.certificate is not"))
     if tls.get("certificate") and "private_key" in tls:
         problems += _key_pair_problems(tls["certificate"], tls["private_key"])
+    problems += _dkim_problems(values["dkim"])
     if tls.get("certificate", True) is None:
         # Implicit TLS on a plain socket needs our certificate; "ssl:" endpoints carry their own.
         problems += [

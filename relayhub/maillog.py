@@ -64,3 +64,8 @@ QUEUED_AUTHENTICATED = QUEUED + ", sasl_method={method}, sasl_username={user}"
 # relayhub-sendmail's maildrop, as the daemon's pickup takes it in.
 PICKUP = "{queue_id}: uid={uid} from=<{sender}>, size={size}, nrcpt={nrcpt} (pickup)"
 PICKUP_REFUSED = "warning: maildrop file {name} from uid={uid} discarded: {why}"
+
+# DKIM signing at acceptance (relayhub.dkim), worded as OpenDKIM logs it.
+DKIM_SIGNED = "{queue_id}: DKIM-Signature field added (s={selector}, d={domain})"
+DKIM_SKIPPED = "{queue_id}: not DKIM-signed: {reason}"
+DKIM_FAILED = "{queue_id}: DKIM signing failed, queued unsigned"

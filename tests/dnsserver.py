@@ -9,6 +9,7 @@
         "_mta-sts.example.com": {"TXT": ["v=STSv1; id=1"]},   # one string per record
         "_25._tcp.mx1.example.com": {"TLSA": [(3, 1, 1, sha256_of_spki)]},
         "1.0.0.127.in-addr.arpa": {"PTR": ["client.example"]},  # reverse_name("127.0.0.1")
+        "s1._domainkey.example.org": {"TXT": ["v=DKIM1; k=rsa; p=..."]},  # in 255-octet strings
     }
     with DNSServer(reactor_thread, zone, secure={"_25._tcp.mx1.example.com"}) as server:
         resolver = MXResolver(reactor, server.nameservers)
@@ -45,8 +46,9 @@ def _records(name: str, kind: str, values: Sequence[Any]) -> list[dns.RRHeader]:
         if kind == "MX":
             preference, host = value
             return dns.Record_MX(preference, b"" if host == "." else host.encode(), ttl=0)
-        if kind == "TXT":
-            return dns.Record_TXT(value.encode(), ttl=0)
+        if kind == "TXT":  # in strings of at most 255 octets, as a zone file has them
+            data = value.encode()
+            return dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)], ttl=0)
         if kind == "TLSA":  # twisted.names has no TLSA class: the RDATA as it is on the wire
             usage, selector, matching, data = value
             return dns.UnknownRecord(bytes([usage, selector, matching]) + data, ttl=0)

@@ -553,7 +553,7 @@ def test_twistd_refuses_bad_config(tmp_path: Path) -> None:
 def test_settings_type_is_exported() -> None:
     assert [f.name for f in dataclasses.fields(Settings)] == [
         "source", "server", "smtp", "tls", "domains", "routing", "delivery", "sendmail",
-        "aliases", "users", "pop3", "queue", "log", "metrics"]
+        "aliases", "users", "pop3", "queue", "log", "metrics", "dkim"]
 
 
 def test_min_free_space_takes_a_size() -> None:

@@ -8,6 +8,7 @@ import ipaddress
 from types import MappingProxyType
 from typing import Any
 
+from relayhub import dkim
 from relayhub.address import Mailbox, parse_forward_path
 from relayhub.admin.aliases_cmd import load_names
 from relayhub.admin.cli import EXIT_OK, EXIT_USAGE, Commands, add_command
@@ -98,8 +99,52 @@ async def _route_one(reactor: Any, settings: Settings, router: Router,
     }
 
 
-async def explain(reactor: Any, settings: Settings, address: str, client_ip: str | None
-                  ) -> dict[str, Any]:
+def dkim_section(settings: Settings, sender: str | None, client: ClientContext
+                 ) -> dict[str, Any]:
+    """The `route --json` "dkim" object: the configured keys and, for --from SENDER, the
+    key that signs mail from it (From: as the sender, after masquerading)."""
+    found: dict[str, Any] = {"keys": [], "sender": sender, "from_domain": None, "key": None,
+                             "signs": False, "reason": None}
+    try:
+        signer = dkim.build_signer(settings.dkim.entries())
+    except dkim.DkimKeyError as error:
+        found["reason"] = str(error)
+        return found
+    keys = signer.keys if signer else ()
+    found["keys"] = [{"selector": k.selector, "domains": list(k.domains),
+                      "algorithm": k.algorithm, "private_key": str(k.path)} for k in keys]
+    if signer is None:
+        found["reason"] = "no [dkim] key configured: nothing is signed"
+        return found
+    if sender is None:
+        found["reason"] = "give --from SENDER for the key that signs its mail"
+        return found
+    domain = masquerade_address(sender, settings.domains.masquerade).rpartition("@")[2].lower()
+    found["from_domain"] = domain
+    chosen = signer.choose(domain) if domain else None
+    if chosen is None:
+        found["reason"] = f"no key for From: domain {domain or '(none)'}: not signed"
+        return found
+    key, signing_domain = chosen
+    found["key"] = {"selector": key.selector, "domain": signing_domain,
+                    "algorithm": key.algorithm, "private_key": str(key.path)}
+    found["signs"] = client.trusted or client.authenticated
+    found["reason"] = ("signed at acceptance" if found["signs"] else
+                       "this client is not trusted: signed only when it authenticates")
+    return found
+
+
+def _dkim_line(found: dict[str, Any]) -> str:
+    key = found["key"]
+    if key is None:
+        keys = ", ".join(f"s={k['selector']} for {' '.join(k['domains'])}" for k in found["keys"])
+        return f"dkim:        {found['reason']}" + (f" (keys: {keys})" if keys else "")
+    return (f"dkim:        From: {found['from_domain']}: s={key['selector']} d={key['domain']} "
+            f"{key['algorithm']} ({key['private_key']}); {found['reason']}")
+
+
+async def explain(reactor: Any, settings: Settings, address: str, client_ip: str | None,
+                  sender: str | None = None) -> dict[str, Any]:
     """The `route --json` object; ValueError for an address that cannot be parsed."""
     try:
         path = parse_forward_path(f"<{address.strip().removeprefix('<').removesuffix('>')}>",
@@ -138,6 +183,7 @@ async def explain(reactor: Any, settings: Settings, address: str, client_ip: str
         "masquerade": {"sender": rewritten, "rewritten": rewritten != normalized},
         "routes": [await _route_one(reactor, settings, router, users, target)
                    for target in targets],
+        "dkim": dkim_section(settings, sender, client),
     }
 
 
@@ -179,6 +225,7 @@ def _text(found: dict[str, Any]) -> list[str]:
         "masquerade:  as a sender: " + (f"rewritten to {masq['sender']}" if masq["rewritten"]
                                         else "unchanged"),
     ]
+    lines.append(_dkim_line(found["dkim"]))
     for route in found["routes"]:
         lines.append(f"recipient:   {printable(route['recipient'])}")
         lines += _hop_lines(route)
@@ -193,7 +240,7 @@ async def route(reactor: Any, settings: Settings, args: argparse.Namespace) -> i
             say_error(f"route: --client {args.client!r} is not an IP address")
             return EXIT_USAGE
     try:
-        found = await explain(reactor, settings, args.address, args.client)
+        found = await explain(reactor, settings, args.address, args.client, args.sender)
     except ValueError as problem:
         say_error(f"route: {problem}")
         return EXIT_USAGE
@@ -211,5 +258,7 @@ def register(commands: Commands) -> None:
     parser.add_argument("--client", metavar="IP",
                         help="decide relaying for this client address (default: an untrusted "
                              "client)")
+    parser.add_argument("--from", dest="sender", metavar="SENDER",
+                        help="show the DKIM key that signs mail from SENDER")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(command=command(route))

@@ -38,6 +38,25 @@ def sync_and_close(file: BinaryIO) -> FileIdentity:
     return st.st_dev, st.st_ino
 
 
+def insert_front(file: BinaryIO, data: bytes, chunk: int = 1024 * 1024) -> None:
+    """Put `data` in front of the content of `file` (open for reading and writing), moving
+    the content up from its end so that no more than `chunk` bytes are held at once."""
+    if not data:
+        return
+    fd = file.fileno()
+    end = os.fstat(fd).st_size
+    while end > 0:
+        start = max(0, end - chunk)
+        _write_at(fd, os.pread(fd, end - start, start), start + len(data))
+        end = start
+    _write_at(fd, data, 0)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    if os.pwrite(fd, data, offset) != len(data):  # a regular file: only when the disk is full
+        raise OSError(28, "short write", "body file")
+
+
 def is_same_file(path: Path, identity: FileIdentity) -> bool:
     """True when `path` still names the file we wrote (not removed or replaced meanwhile)."""
     try:

@@ -99,6 +99,7 @@ class _Job:
     subject: str
     # (st_dev, st_ino) once the body is fsync'd and closed; None if that failed.
     identity: spool.FileIdentity | None = None
+    prefix: Callable[[BinaryIO], bytes] | None = None  # IncomingMessage.prepend
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _SQLiteIncoming(IncomingMessage):
         # its end and only then answer 451.
         self._error: OSError | None = None
         self._finished = False
+        self._prefix: Callable[[BinaryIO], bytes] | None = None  # see prepend
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -145,8 +147,13 @@ class _SQLiteIncoming(IncomingMessage):
             self._store.stats.failures += 1
             return fail(storage_failure(self._error))
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject)
+                   subject, prefix=self._prefix)
         return self._store._sync_then_enqueue(job)
+
+    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
+        if self._finished:
+            raise QueueStateError(f"{self.queue_id}: prepend after commit or abort")
+        self._prefix = make_prefix
 
     def abort(self) -> None:
         if self._finished:
@@ -318,16 +325,15 @@ class SQLiteQueueStore(QueueStore):
         if not self._ready:
             return self._enqueue(job)
         self._syncing += 1
-        synced: Deferred[Any] = deferToThreadPool(
-            self._reactor, self._sync_pool, spool.sync_and_close, job.file)
+        synced: Deferred[Any] = deferToThreadPool(self._reactor, self._sync_pool, _prepared, job)
 
-        def enqueue(result: spool.FileIdentity | Failure) -> Deferred[None]:
+        def enqueue(result: _Job | Failure) -> Deferred[None]:
             self._syncing -= 1
             # Enqueued even if close() began meanwhile: it waits for this batch, as it does
             # for commits that were already pending when it was called.
             if isinstance(result, Failure):
                 return self._enqueue(job, sync_error=result.value, closing=True)
-            return self._enqueue(replace(job, identity=result), closing=True)
+            return self._enqueue(result, closing=True)
 
         return synced.addBoth(enqueue)
 
@@ -341,6 +347,7 @@ class SQLiteQueueStore(QueueStore):
             return fail(TemporaryFailure())
         done: Deferred[None] = Deferred()
         if sync_error is not None:
+            spool.close_quietly(job.file)
             spool.remove(job.path)
             self._live_ids.discard(job.queue_id)
             self.stats.failures += 1
@@ -406,9 +413,14 @@ class SQLiteQueueStore(QueueStore):
         identities: dict[int, spool.FileIdentity] = {}
         for i, job in enumerate(jobs):
             try:
-                # Normally synced already on the sync pool; a job enqueued while the store
+                # Normally prepared already on the sync pool; a job enqueued while the store
                 # was closing still needs it here.
-                identities[i] = job.identity or spool.sync_and_close(job.file)
+                if job.identity is None:
+                    if job.prefix is not None:
+                        jobs[i] = job = _with_prefix(job)
+                    identities[i] = spool.sync_and_close(job.file)
+                else:
+                    identities[i] = job.identity
             except OSError as exc:
                 errors[i] = exc
         transacted = False
@@ -727,6 +739,24 @@ class SQLiteQueueStore(QueueStore):
         return deferToThreadPool(
             self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
         )
+
+
+def _prepared(job: _Job) -> _Job:
+    """Sync pool thread: the body with its prefix (a DKIM signature) in front, fsync'd and
+    closed; the job now knows which file it was."""
+    if job.prefix is not None:
+        job = _with_prefix(job)
+    return replace(job, identity=spool.sync_and_close(job.file))
+
+
+def _with_prefix(job: _Job) -> _Job:
+    """The job's body with what its prefix function gives in front (off the reactor)."""
+    assert job.prefix is not None
+    job.file.flush()
+    with open(job.path, "r+b") as file:
+        prefix = job.prefix(file)
+        spool.insert_front(file, prefix)
+    return replace(job, size=job.size + len(prefix))
 
 
 def _valid(selection: Selection) -> Selection:

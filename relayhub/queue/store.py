@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 
@@ -216,6 +217,13 @@ class IncomingMessage(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Forget this message: its body file is removed and nothing is queued."""
+
+    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
+        """Before `commit` (DKIM signing, relayhub.dkim): have the commit call `make_prefix`
+        off the reactor, just before the body is made durable, with the message as written
+        (a readable file at its start), and put the bytes it returns in front of it.
+        `make_prefix` must not raise; an I/O error fails the commit (451)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot prepend")
 
 
 class QueueStore(abc.ABC):

@@ -36,6 +36,7 @@ from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.clientname import ClientNamer
 from relayhub.config import SmtpSettings
+from relayhub.dkim import Signer, signing_commit
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
@@ -84,6 +85,7 @@ class ServerConfig:
     # except on submission and for authenticated senders (SPEC §3: not rewritten there).
     masquerade: tuple[str, ...] = ()
     auth_failure_delay: float = 1.0  # before each 535: guessing passwords costs time
+    dkim: Signer | None = None  # signs mail from trusted or authenticated clients
 
 
 class _Mode(enum.Enum):
@@ -706,8 +708,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 return Failure(TemporaryFailure())
             return failure
 
+        signed = signing_commit(self.config.dkim, self.client, incoming,
+                                self.factory.clock.seconds())
         self._wait_for(
-            incoming.commit(envelope, summary.subject).addCallbacks(queued, not_queued)
+            signed(incoming.commit(envelope, summary.subject)).addCallbacks(queued, not_queued)
         )
 
     def _abort_incoming(self) -> None:

@@ -10,6 +10,7 @@ from relayhub.admission import SMTP_SERVICES, Admission
 from relayhub.clientname import ClientNamer
 from relayhub.config import Settings
 from relayhub.directory import Directory
+from relayhub.dkim import build_signer
 from relayhub.queue.space import FreeSpace
 from relayhub.queue.store import QueueStore
 from relayhub.smtp.server import ServerConfig, SMTPServerFactory, SMTPServerProtocol
@@ -30,11 +31,12 @@ class SMTPService:
         namer = ClientNamer(reactor, settings.delivery.nameservers,
                             settings.smtp.reverse_dns_timeout) if settings.smtp.reverse_dns \
             else None
+        signer = build_signer(settings.dkim.entries())  # each key file read once per worker
         self.factories = {
             service: SMTPServerFactory(
                 ServerConfig(settings.server.hostname, settings.smtp,
                              submission=service in SUBMISSION_SERVICES,
-                             masquerade=settings.domains.masquerade),
+                             masquerade=settings.domains.masquerade, dkim=signer),
                 directory.policy, store, reactor, admission, service=service,
                 on_queued=on_queued, names=directory.names, tls_options=tls_options,
                 users=directory.users, space=space, namer=namer,
