@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email import policy as email_policy
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -30,7 +31,8 @@ def decode_for_display(raw: str) -> str:
     unfolded = " ".join(raw.split())
     try:
         return str(make_header(decode_header(unfolded)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):
+        # MessageError: e.g. CharsetError for a charset name that is not ASCII.
         return unfolded
 
 

@@ -435,6 +435,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if self._mode is _Mode.CLOSED:
                 return
             self._answer(reply)
+            if self._mode is _Mode.CLOSED:  # that reply was the tenth error: closed
+                return
             self._transport.resumeProducing()
             self._process_commands()
 
