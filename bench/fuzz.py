@@ -45,11 +45,11 @@ def run_target(target: Target, count: int, seconds: float, seed: int, hang: floa
         if roll < 0.8:
             data = target.generate(rng)
         elif roll < 0.9:  # a generated input, mutated
-            data = bytearray(target.generate(rng))
+            mutated = bytearray(target.generate(rng))
             for _ in range(rng.randint(1, 4)):
-                if data:
-                    data[rng.randrange(len(data))] = rng.randrange(256)
-            data = bytes(data)
+                if mutated:
+                    mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = bytes(mutated)
         else:
             data = rng.randbytes(rng.choice((0, 1, 8, 64, 512, 4096)))
         signal.setitimer(signal.ITIMER_REAL, hang)

@@ -243,7 +243,7 @@ class SMTPTarget:
 
     def run(self, data: bytes, peer: str = "192.0.2.7") -> bytes:
         proto = self.factory.buildProtocol(None)
-        proto.callLater = self.reactor.callLater  # type: ignore[method-assign]
+        proto.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
         transport = StringTransport(peerAddress=_peer(peer))
         proto.makeConnection(transport)
         # The first line alone, as a client waits for the EHLO reply before it pipelines.
@@ -255,7 +255,7 @@ class SMTPTarget:
             self.reactor.advance(1.5)  # lets AUTH failure delays answer
         self.reactor.advance(smtp_timeout(self.fixture) + 1)
         proto.connectionLost(Failure(ConnectionError("fuzz input ended")))
-        output = transport.value()
+        output: bytes = transport.value()
         check_smtp_output(output)
         if not output.startswith(b"220 "):
             raise FuzzFailure(f"no greeting: {output[:80]!r}")
@@ -577,7 +577,7 @@ class POP3Target:
                 transport.producer.resumeProducing()
         self.reactor.advance(700)
         proto.connectionLost(Failure(ConnectionError("fuzz input ended")))
-        output = transport.value()
+        output: bytes = transport.value()
         if not output.startswith(b"+OK "):
             raise FuzzFailure(f"no greeting: {output[:80]!r}")
         if output and not output.endswith(b"\r\n"):
@@ -619,7 +619,7 @@ def pop3_parsers(data: bytes) -> None:
     for parse in (pop3.parse_message_number, pop3.parse_optional_message_number,
                   pop3.parse_top):
         with contextlib.suppress(pop3.Pop3Error):
-            parse(text)  # type: ignore[operator]
+            parse(text)
     lines = data[0] % 4 if data else 0
     top = pop3.TopFilter(lines)
     out = b"".join(top.feed(piece) for piece in chunks(data))
