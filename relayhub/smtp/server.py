@@ -321,6 +321,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                   tls=self._tls.comment if self._tls else "?")
 
     def timeoutConnection(self) -> None:
+        if self._mode is _Mode.CLOSED:
+            # Closed, but our last reply is still unread: a client that does not read
+            # must not keep its connection (and its slot) for ever.
+            self._transport.abortConnection()
+            return
         _LOG.info(maillog.TIMEOUT, stage=self._stage, client=self._client_label)
         if self._tls_active and self._tls is None:
             # Mid-handshake no 421 can be sent, and a TLS close would wait for the peer
@@ -343,7 +348,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         if not self._greeted:
-            self._buffer += data[: MAX_COMMAND_LINE]  # judged when admission answers
+            # Judged when admission answers; kept to a line however long that takes.
+            self._buffer += data[: MAX_COMMAND_LINE - len(self._buffer)]
             return
         now = self.factory.clock.seconds()
         if self._deadline.overdue(now, len(data)):

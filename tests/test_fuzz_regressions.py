@@ -1,0 +1,74 @@
+"""Every failure the fuzzing found (bench/fuzz.py, tests/test_fuzz.py), as the concrete input
+that showed it; each failed before its fix."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Iterator
+
+import pytest
+
+from bench.fuzz_targets import Fixture, SMTPTarget, check_smtp_output, dsn_code
+from relayhub.delivery import dsn
+from relayhub.delivery.results import AttemptResult, Outcome
+from relayhub.mime import decode_for_display
+from relayhub.queue.store import Envelope, RecipientRequest, RecipientStatus, StoredRecipient
+
+
+@pytest.fixture(scope="module")
+def fixture() -> Iterator[Fixture]:
+    fixture = Fixture()
+    yield fixture
+    fixture.close()
+
+
+def test_subject_with_a_non_ascii_charset_name(fixture: Fixture) -> None:
+    """`=?ut\\xfc-8?q?x?=`: the email package raised CharsetError (not a ValueError) from
+    decode_for_display at the end of DATA, so the session died without a reply."""
+    assert decode_for_display("=?ut\ufffd-8?q?x?=") == "=?ut\ufffd-8?q?x?="
+    output = SMTPTarget(fixture).run(
+        b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>\r\n"
+        b"DATA\r\nSubject: =?ut\xfc-8?q?x?=\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    assert b"250 2.0.0 Ok: queued as " in output
+    assert b"221 2.0.0 " in output
+
+
+@pytest.mark.parametrize("text", [
+    "C\x04ntent\x0bType: multipart/alternative",  # VT: a line break to the email package
+    "550 5.1.1 caf\u00e9 unknown",  # non-ASCII to an ASCII address (a guard: this one worked)
+    "550 5.1.1 a\u2028b\x85c",
+])
+def test_dsn_with_a_hostile_remote_reply(text: str) -> None:
+    """A remote server's reply text is its own free text: it went into Diagnostic-Code as it
+    was and build_report raised (ValueError, UnicodeEncodeError), so no bounce was made."""
+    rcpt = StoredRecipient(0, "bob@example.net", None, (), RecipientStatus.QUEUED)
+    result = AttemptResult("bob@example.net", Outcome.BOUNCED, "5.1.1", text,
+                           relay="mx.example.net[192.0.2.1]:25", remote_mta="mx.example.net",
+                           remote_reply=True)
+    raw = dsn.build_report(kind="failure", reporting_mta="hub.example.org",
+                           queue_id="QID0123456",
+                           envelope=Envelope("alice@example.org",
+                                             (RecipientRequest("bob@example.net"),)),
+                           arrival=1.7e9, results=[(rcpt, result)],
+                           original=b"Subject: x\r\n\r\nbody\r\n", to="alice@example.org",
+                           now=1.7e9 + 60, message_id_domain="hub.example.org")
+    assert raw.isascii()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    status = list(message.iter_parts())[1].get_payload()[1]  # type: ignore[index]
+    assert status["Diagnostic-Code"].startswith("smtp; ")
+    dsn_code(text.encode())  # and the fuzz target's own checks
+
+
+def test_tenth_error_answered_after_a_delay_closes_cleanly(fixture: Fixture) -> None:
+    """Nine unknown commands, then a failed AUTH whose 535 comes after the failure delay: that
+    tenth error closed the session, and the server then resumed reading the closed
+    transport (RuntimeError from the transport, an unhandled error in the log)."""
+    target = SMTPTarget(fixture)
+    with target.watch.watching():
+        output = target.run(b"EHLO client.test\r\n" + b"XYZZY\r\n" * 9
+                            + b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n")
+    target.watch.check()
+    check_smtp_output(output)
+    assert output.endswith(b"535 5.7.8 Error: authentication failed\r\n"
+                           b"421 4.7.0 hub.fuzz Error: too many errors\r\n")
