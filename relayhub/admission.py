@@ -48,8 +48,17 @@ class ConnectionCounter:
 
     def release(self, owner: str, service: str, address: str) -> None:
         counts = self._by_owner.get(owner)
-        if counts and counts[(service, address)] > 0:
-            counts[(service, address)] -= 1
+        key = (service, address)
+        if counts and counts[key] > 1:
+            counts[key] -= 1
+        elif counts:
+            # Gone, not kept at zero: a flood from ever new addresses (a /8, an IPv6 /64)
+            # must not grow this table, nor the time each admission takes to count it.
+            counts.pop(key, None)
+
+    def tracked(self) -> int:
+        """How many (owner, service, address) entries are held: at most one per session."""
+        return sum(len(counts) for counts in self._by_owner.values())
 
     def forget(self, owner: str) -> None:
         """The owner is gone, and its sessions with it."""

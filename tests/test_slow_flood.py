@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from hubprocess import Hub, SMTPConnection
 
-from relayhub.admission import OTHER_CLIENTS, RefusalLog
+from relayhub.admission import OTHER_CLIENTS, ConnectionCounter, RefusalLog
+from relayhub.config import settings_from_text
 from relayhub.fdlimit import raise_open_files_limit
 from relayhub.smtp.deadline import MIN_DATA_RATE, CommandDeadline
 
@@ -287,6 +288,22 @@ def test_refusal_log_is_bounded() -> None:
     assert log.refused("10.0.0.9", "x", 1)  # first of the "others"
     assert not log.refused("10.0.0.10", "x", 2)
     assert log.summaries(3) == [(OTHER_CLIENTS, 1, "x")]
+
+
+def test_connection_counter_forgets_addresses_that_have_gone() -> None:
+    """A flood from ever new addresses must not grow the master's table."""
+    limits = settings_from_text("t.toml", "[smtp]\nmax_connections_per_ip = 2\n").smtp
+    counter = ConnectionCounter(limits)
+    for n in range(10_000):
+        address = f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"
+        assert counter.admit("worker-1", "smtp", address, False) == ""
+        counter.release("worker-1", "smtp", address)
+    assert counter.tracked() == 0
+    assert [counter.admit("w", "smtp", "10.9.9.9", False) for _ in range(3)] == [
+        "", "", "too many connections from 10.9.9.9"]
+    counter.release("w", "smtp", "10.9.9.9")
+    assert counter.admit("w", "smtp", "10.9.9.9", False) == ""
+    assert counter.totals() == {"smtp": 2, "pop3": 0} and counter.tracked() == 1
 
 
 def test_command_deadline() -> None:
