@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_targets import Fixture, Target, targets
+from relayhub.smtp.headers import HeaderStage
 
 # Examples per target and kind; the slow targets (whole sessions, DSNs) get fewer.
 EXAMPLES = {"pop3-session": 40, "dsn": 40, "smtp-session": 150, "mime": 150}
@@ -61,3 +62,23 @@ def test_raw_bytes(fixture: Fixture, name: str) -> None:
         target.check(data)
 
     check()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"A: b", b"From: x@h.example.org",
+                                 b" folded", b"body", b"\r\n\r\n"]), max_size=30),
+       st.integers(min_value=1, max_value=7))
+def test_header_stage_does_not_depend_on_the_chunks(pieces: list[bytes], step: int) -> None:
+    """HeaderStage searches only the new bytes for the blank line (a header sent in tiny
+    pieces once cost a scan of everything held, per piece): same result for any cut."""
+    data = b"".join(pieces)
+
+    def run(size: int) -> bytes:
+        out: list[bytes] = []
+        stage = HeaderStage(out.append, lambda header: header.upper())
+        for start in range(0, len(data), size):
+            stage.feed(data[start:start + size])
+        stage.finish()
+        return b"".join(out)
+
+    assert run(step) == run(max(len(data), 1))
