@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.fuzz_targets import Fixture, SMTPTarget, check_smtp_output, dsn_code
+from bench.fuzz_targets import Fixture, SMTPTarget, check_smtp_output, dsn_code, mime_code
 from relayhub.delivery import dsn
 from relayhub.delivery.results import AttemptResult, Outcome
-from relayhub.mime import decode_for_display
+from relayhub.mime import decode_for_display, to_7bit
 from relayhub.queue.store import Envelope, RecipientRequest, RecipientStatus, StoredRecipient
 
 
@@ -72,3 +72,16 @@ def test_tenth_error_answered_after_a_delay_closes_cleanly(fixture: Fixture) -> 
     check_smtp_output(output)
     assert output.endswith(b"535 5.7.8 Error: authentication failed\r\n"
                            b"421 4.7.0 hub.fuzz Error: too many errors\r\n")
+
+
+def test_multipart_boundary_the_email_package_cannot_give_back() -> None:
+    """Found by bench/fuzz.py (mime, seed 1): the header section starts with a folded
+    line, so the boundary the email package returns holds U+FFFD, and to_7bit raised
+    UnicodeEncodeError (a relay to a 7-bit hop would have failed on it each retry)."""
+    found = (b' \r\nContent-Type: multipart/mixed; boundary="\xb1"\r\n\r\n'
+             b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: x\r\n"
+             b'--"q"--\r\n--"q"@-\r\n--"q"\r\nContent-Type: multipart/\xdeixed; boundary="q"\r\n')
+    mime_code(found)
+    converted = to_7bit(found)
+    assert converted.split(b"\r\n\r\n", 1)[1].isascii()  # header bytes stay as they were
+    assert b"Content-Transfer-Encoding: base64" in converted  # one opaque part
