@@ -85,3 +85,18 @@ def test_multipart_boundary_the_email_package_cannot_give_back() -> None:
     converted = to_7bit(found)
     assert converted.split(b"\r\n\r\n", 1)[1].isascii()  # header bytes stay as they were
     assert b"Content-Transfer-Encoding: base64" in converted  # one opaque part
+
+
+def test_dsn_with_an_encoded_word_in_the_remote_reply() -> None:
+    """Found by bench/fuzz.py (dsn, seed 1): the reply text held `=?utf-8?b?w6k=?=`, which
+    the email package decoded inside Diagnostic-Code and then could not fold back into an
+    ASCII report (UnicodeEncodeError): no bounce could be built."""
+    found = (b'Content-Type: multipart/alternative\r\nlontent-Type: multipart/mixed; boundary="q'
+             b'"\r\nContent-Type: multipart/mixed; boundary="q"\r\na\rb\nc\r\nSubject: caf\xc3'
+             b'\xa9 =?utf-8?b?w6k=?= =?x?q?bad?=\r\n\r\ncaf\xc3\xa9\r\nSubject: caf\xc3\xa9 =?ut'
+             b'f-8?b?w6\x0e=?= =?x?q?bad?=\r\nContent-T\x18ansfer-Encoding: x\r\ncaf\xc3\xa9\r\n'
+             b'--"q"--\r\n \r\nContent-Transfer-Encoding: 8bit\r\n=\r\nContent-Type: multipart/a'
+             b'lternative\r\n \r\n\x00\xe2\x82\xac\xc3\xbf\xe2\x82\xac\xc3\xa9\xc3\xbf\x00\xc3'
+             b'\xa9a\x00\xe2\x80\x8b\xf0\x9d\x84\x9e\xc3\xbf\x00\xe2\x80\x8b\xe2\x82\xac\xf0\x9d'
+             b'\x84\x9e\xc3\xa9\x00\xe2\x80\x8b\xc3\xbf\xf0\x9d\x84\x9ea\xf0\x9d\x84\x9e')
+    dsn_code(found)

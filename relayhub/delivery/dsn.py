@@ -36,7 +36,9 @@ _NOT_IN_FIELD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 def field_text(text: str, utf8: bool) -> str:
     """A remote server's reply text made fit for a field: it is the peer's free text and
     may hold anything; non-ASCII is kept only in an SMTPUTF8 report (RFC 6533)."""
-    text = _NOT_IN_FIELD.sub(" ", text)
+    # "=?" would start an RFC 2047 encoded-word, which the email package decodes in the
+    # value and then may fail to fold back into ASCII: the peer's text is not ours to decode.
+    text = _NOT_IN_FIELD.sub(" ", text).replace("=?", "= ?")
     return text if utf8 else text.encode("ascii", "replace").decode("ascii")
 
 
