@@ -1,7 +1,9 @@
 """Connection limits: who may open another session, counted across every worker.
 
 The master owns one `ConnectionCounter` for all workers (SPEC §2: per-IP limits count
-across workers); a worker asks it over AMP through an `Admission`.
+across workers); a worker asks it over AMP through an `Admission`. The master also logs
+the refusals, through a `RefusalLog`: once per client address and then a count per period,
+as a flood of connections must not become a flood of log lines.
 
 Clients in trusted networks are exempt from the per-IP limit, so for them only the total
 (`max_connections`) matters, and asking the master about each one cost a round trip per
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet import defer
@@ -76,8 +79,17 @@ class ConnectionCounter:
 
     def release(self, owner: str, service: str, address: str) -> None:
         counts = self._by_owner.get(owner)
-        if counts and counts[(service, address)] > 0:
-            counts[(service, address)] -= 1
+        key = (service, address)
+        if counts and counts[key] > 1:
+            counts[key] -= 1
+        elif counts:
+            # Gone, not kept at zero: a flood from ever new addresses (a /8, an IPv6 /64)
+            # must not grow this table, nor the time each admission takes to count it.
+            counts.pop(key, None)
+
+    def tracked(self) -> int:
+        """How many (owner, service, address) entries are held: at most one per session."""
+        return sum(len(counts) for counts in self._by_owner.values())
 
     def forget(self, owner: str) -> None:
         """The owner is gone, and its sessions (and lent slots) with it."""
@@ -139,3 +151,54 @@ class LentSlots:
             self.slots -= spare - keep
             self._reported = self.in_use
             self._give_back(spare - keep, self.in_use)
+
+# How often repeated refusals of one client are summed up in the log.
+REFUSAL_LOG_PERIOD = 60.0
+# Clients tracked at once; past that, refusals of new ones are counted under OTHER_CLIENTS
+# (a flood from a whole /8 must not grow this table without bound).
+MAX_TRACKED_CLIENTS = 10_000
+OTHER_CLIENTS = "other clients"
+
+
+@dataclass
+class _Refusals:
+    reason: str
+    unlogged: int = 0  # refused since the last line about this client
+    last: float = 0.0  # when last refused
+
+
+class RefusalLog:
+    """Decides which connection refusals are logged: the first of a client at once, then,
+    once per period, how many more there were. Pure: the caller passes the time."""
+
+    def __init__(self, period: float = REFUSAL_LOG_PERIOD,
+                 max_clients: int = MAX_TRACKED_CLIENTS) -> None:
+        self.period = period
+        self.max_clients = max_clients
+        self._clients: dict[str, _Refusals] = {}
+
+    def refused(self, address: str, reason: str, now: float) -> bool:
+        """Count a refusal; True when it is to be logged now (the client's first in a while)."""
+        entry = self._clients.get(address)
+        if entry is None and len(self._clients) >= self.max_clients:
+            address = OTHER_CLIENTS
+            entry = self._clients.get(address)
+        if entry is None:
+            self._clients[address] = _Refusals(reason, 0, now)
+            return True
+        entry.unlogged += 1
+        entry.reason, entry.last = reason, now
+        return False
+
+    def summaries(self, now: float) -> list[tuple[str, int, str]]:
+        """(client, refusals not logged yet, latest reason) for each client refused since the
+        last summary; clients quiet for a whole period are forgotten (their next refusal
+        is logged at once again)."""
+        lines = []
+        for address, entry in list(self._clients.items()):
+            if entry.unlogged:
+                lines.append((address, entry.unlogged, entry.reason))
+                entry.unlogged = 0
+            elif now - entry.last >= self.period:
+                del self._clients[address]
+        return lines

@@ -20,7 +20,13 @@ REJECT = (
 )
 REFUSED_MESSAGE = "{queue_id}: reject: DATA from {client}: {reply}; from=<{sender}>"
 LIMIT = "{reason} from {client}: {reply}"
+# Connection limits, logged by the master once per client (relayhub.admission.RefusalLog).
+CONNECTION_REFUSED = "connection limit: refused {client}: {reply} {reason} (more are counted)"
+CONNECTIONS_REFUSED = (
+    "connection limit: {count} more refused from {client} in the last {period}s ({reason})")
 TIMEOUT = "timeout after {stage} from {client}"
+# The slow-command deadline (relayhub.smtp.deadline): bytes kept coming, too slowly.
+SLOW_COMMAND = "timeout after {stage} from {client}: {what} sent too slowly"
 LOST = "lost connection after {stage} from {client}"
 STORE_FAILED = "{queue_id}: queue write failed for {client}: {error}"
 INTERNAL_ERROR = "internal error on {command} from {client}"

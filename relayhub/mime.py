@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email import policy as email_policy
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -30,7 +31,8 @@ def decode_for_display(raw: str) -> str:
     unfolded = " ".join(raw.split())
     try:
         return str(make_header(decode_header(unfolded)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):
+        # MessageError: e.g. CharsetError for a charset name that is not ASCII.
         return unfolded
 
 
@@ -124,11 +126,10 @@ def _entity(entity: bytes, default_type: str, *, seven_bit: bool, top: bool) -> 
     fields.set_default_type(default_type)
     ctype = fields.get_content_type()
     cte = str(fields.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-    boundary = fields.get_boundary()
+    boundary = _boundary(fields)
     if ctype.startswith("multipart/") and boundary:
         part_type = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
-        body = _multipart(body, boundary.encode("ascii", "surrogateescape"), part_type,
-                          seven_bit)
+        body = _multipart(body, boundary, part_type, seven_bit)
         header = _relabel(header, cte, body)
     elif ctype == "message/rfc822" and cte not in _ENCODED:
         body = _entity(body, "text/plain", seven_bit=seven_bit, top=True)
@@ -138,6 +139,17 @@ def _entity(entity: bytes, default_type: str, *, seven_bit: bool, top: bool) -> 
     if top and "MIME-Version" not in fields:
         header += b"MIME-Version: 1.0\r\n"
     return header + b"\r\n" + body
+
+
+def _boundary(fields: Message) -> bytes | None:
+    """The multipart boundary as the raw bytes to look for; None when there is none that
+    can match (the email package gives U+FFFD for some 8-bit values, and RFC 2046 §5.1.1
+    allows ASCII only): such a body is then converted as one opaque part."""
+    boundary = fields.get_boundary()
+    try:
+        return boundary.encode("ascii", "surrogateescape") if boundary else None
+    except UnicodeEncodeError:
+        return None
 
 
 def _multipart(body: bytes, boundary: bytes, part_type: str, seven_bit: bool) -> bytes:

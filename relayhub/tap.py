@@ -6,13 +6,19 @@ from __future__ import annotations
 import sys
 from typing import ClassVar
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
+from relayhub.fdlimit import raise_open_files_limit
 from relayhub.process.master import MasterService
 from relayhub.users import UsersFileError
 
 JSON_OBSERVER = "relayhub.jsonlog.master_observer"
+
+_LOG = Logger(namespace="relayhub.master")
+# Descriptors besides client connections: listeners, queue files, the database, pipes.
+FD_MARGIN = 256
 
 
 class Options(usage.Options):
@@ -45,6 +51,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor
 
+    soft, _hard = raise_open_files_limit()
+    wanted = options.settings.smtp.max_connections + FD_MARGIN
+    if soft < wanted:
+        _LOG.warn("open files limit {soft} is below [smtp].max_connections + {margin}: raise "
+                  "LimitNOFILE (systemd) or ulimit -n", soft=soft, margin=FD_MARGIN)
     try:
         return MasterService(options["config"], options.config, options.settings, reactor)
     except UsersFileError as error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import socket
 import ssl
 import struct
@@ -560,6 +561,21 @@ def test_idle_timeout_closes_without_deleting(pop3: Pop3Service) -> None:
     pop3.wait_idle()
     assert len(pop3.messages("mrose")) == 1
     assert Client(pop3.port).login().startswith("+OK Logged in, 1 messages")
+
+
+def test_a_command_sent_a_byte_at_a_time_is_cut(pop3: Pop3Service) -> None:
+    """Each byte resets the idle timeout; the line must still be whole within one timeout."""
+    pop3.stop()
+    pop3.start(timeout=1.0)
+    c = Client(pop3.port)
+    started = time.monotonic()
+    for byte in b"USER mrose-with-a-long-name\r\n":
+        c.send(bytes([byte]))
+        if select.select([c.sock], [], [], 0.2)[0] or time.monotonic() - started > 2.5:
+            break  # answered (and closed): sending more would only meet a reset
+    assert c.line() == "-ERR Disconnected for inactivity"
+    assert c.closed()
+    assert 1.0 <= time.monotonic() - started < 3.0
 
 
 def test_connection_limit(pop3: Pop3Service) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from email import policy as email_policy
@@ -27,6 +28,20 @@ SUBJECTS: dict[str, str] = {
     "success": "Successful Mail Delivery Report",
     "relayed": "Relayed Mail Delivery Report",
 }
+# What may not stand in a header field value: controls (the email package takes VT, FF and
+# friends for line ends and refuses them) and Unicode line separators.
+_NOT_IN_FIELD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def field_text(text: str, utf8: bool) -> str:
+    """A remote server's reply text made fit for a field: it is the peer's free text and
+    may hold anything; non-ASCII is kept only in an SMTPUTF8 report (RFC 6533)."""
+    # "=?" would start an RFC 2047 encoded-word, which the email package decodes in the
+    # value and then may fail to fold back into ASCII: the peer's text is not ours to decode.
+    text = _NOT_IN_FIELD.sub(" ", text).replace("=?", "= ?")
+    return text if utf8 else text.encode("ascii", "replace").decode("ascii")
+
+
 _ACTIONS: dict[str, str] = {
     "failure": "failed", "delay": "delayed", "success": "delivered", "relayed": "relayed",
 }
@@ -152,10 +167,11 @@ def _explanation(kind: Kind, reporting_mta: str, results: Sequence[Result], arri
     lines = [f"This is the mail system at host {reporting_mta}.", "", intro, "",
              "                   The mail system", ""]
     for rcpt, result in results:
+        said = field_text(result.text, True)
         if result.remote_reply:
-            lines.append(f"<{rcpt.address}>: host {result.relay} said: {result.text}")
+            lines.append(f"<{rcpt.address}>: host {result.relay} said: {said}")
         else:
-            lines.append(f"<{rcpt.address}>: {result.text}")
+            lines.append(f"<{rcpt.address}>: {said}")
     text = "\n".join(lines) + "\n"
     part = MIMEPart(policy=policy)
     part.set_content(text, cte=None if text.isascii() else "quoted-printable")
@@ -188,7 +204,7 @@ def _status_part(kind: Kind, reporting_mta: str, queue_id: str, envelope: Envelo
         if result.remote_mta:
             block["Remote-MTA"] = f"dns; {result.remote_mta}"
         diagnostic_type = "smtp" if result.remote_reply else "X-Relayhub"
-        block["Diagnostic-Code"] = f"{diagnostic_type}; {result.text}"
+        block["Diagnostic-Code"] = f"{diagnostic_type}; {field_text(result.text, policy.utf8)}"
         if kind == "delay" and will_retry_until is not None:
             block["Will-Retry-Until"] = formatdate(will_retry_until, localtime=True)
         blocks.append(block)

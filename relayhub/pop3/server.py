@@ -30,6 +30,7 @@ from relayhub.pop3.mailbox import (
     open_maildrop,
 )
 from relayhub.sendnow import send_now
+from relayhub.smtp.deadline import CommandDeadline
 from relayhub.smtp.encoder import DotStuffer
 from relayhub.users import User
 
@@ -65,6 +66,7 @@ _IN_USE = "mailbox in use: user=<{user}>, rip={client}"
 _LOGOUT = ("{event}: user=<{user}>, rip={client}, top={top}, retr={retr}/{retr_bytes}, "
            "del={deleted}/{messages}")
 _LIMIT = "{reason} from {client}"
+_SLOW = "command sent too slowly from {client}"
 _INTERNAL = "internal error on {command} from {client}"
 
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed"
@@ -312,6 +314,9 @@ class POP3Server(Protocol, TimeoutMixin):
         self._stats = {"top": 0, "retr": 0, "retr_bytes": 0}
         self._command = "CONNECT"
         self.client_address = ""
+        # A line dribbled a byte at a time resets the idle timeout at every byte: it must
+        # still be complete within one timeout of its first byte.
+        self._deadline = CommandDeadline(self.config.timeout)
 
     # -- connection ------------------------------------------------------------------
 
@@ -361,6 +366,11 @@ class POP3Server(Protocol, TimeoutMixin):
             self._release_maildrop()
 
     def timeoutConnection(self) -> None:
+        if self._state is State.CLOSED:
+            # Closed, but our last answer is still unread: a client that does not read
+            # must not keep its connection for ever.
+            self._transport.abortConnection()
+            return
         if self._state in (State.AUTHORIZATION, State.TRANSACTION):
             self._send([error_line("Disconnected for inactivity")])
             if self._state is State.TRANSACTION:
@@ -383,12 +393,21 @@ class POP3Server(Protocol, TimeoutMixin):
         if self._state is State.CLOSED:
             return
         self.resetTimeout()
+        now = self.factory.reactor.seconds()
+        if self._deadline.overdue(now, len(data)):
+            _LOG.info(_SLOW, client=self.client_address)
+            self.timeoutConnection()
+            return
         self._buffer += data
         if self._pending and len(self._buffer) > MAX_PIPELINED and not self._reading_paused:
             # A client far ahead of our answers: let TCP flow control hold it back.
             self._reading_paused = True
             self._transport.pauseProducing()
         self._process_lines()
+        if self._pending or not (self._buffer or self._discarding_long_line):
+            self._deadline.clear()  # nothing half-sent, or we are the ones to wait for
+        elif b"\n" in data or not self._deadline.started:
+            self._deadline.start(now)  # what is held began in this read
 
     def _process_lines(self) -> None:
         while self._state in (State.AUTHORIZATION, State.TRANSACTION) and not self._pending:

@@ -16,12 +16,12 @@ import signal
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from relayhub import control
-from relayhub.admission import ConnectionCounter
+from relayhub import control, maillog
+from relayhub.admission import ConnectionCounter, RefusalLog
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.directory import Directory
 from relayhub.process import commands, listeners, scrape, sockets
@@ -46,8 +46,10 @@ class _ChildLocator(amp.CommandLocator):
 
     @commands.Admit.responder
     def admit(self, service: str, address: str, exempt: bool) -> dict[str, str]:
-        return {"refusal": self.master.admission.admit(self.child.spec.name, service,
-                                                       address, exempt)}
+        refusal = self.master.admission.admit(self.child.spec.name, service, address, exempt)
+        if refusal:
+            self.master.refused(address, refusal)
+        return {"refusal": refusal}
 
     @commands.Lend.responder
     def lend(self, wanted: int, in_use: int) -> dict[str, int]:
@@ -84,6 +86,9 @@ class MasterService(Service):
         self.settings = settings
         self.reactor = reactor
         self.admission = ConnectionCounter(settings.smtp)
+        self.refusals = RefusalLog()
+        self._refusal_summaries = task.LoopingCall(self._log_refusals)
+        self._refusal_summaries.clock = reactor
         self.bound: list[sockets.BoundListener] = []
         self.workers: list[SupervisedChild] = []
         self.queue_manager: SupervisedChild | None = None
@@ -133,6 +138,7 @@ class MasterService(Service):
         self.reactor.callWhenRunning(self._install_signal_handlers)
         self._start_workers(self.settings)
         self._start_queue_manager()
+        self._refusal_summaries.start(self.refusals.period, now=False)
         control.listen(self.reactor, self.settings.server.state_dir, self).addCallbacks(
             self._control_listening,
             lambda failure: _LOG.failure("cannot serve the control socket", failure))
@@ -225,6 +231,18 @@ class MasterService(Service):
 
         return asked.addCallbacks(lambda _: "", failed)
 
+    def refused(self, address: str, reason: str) -> None:
+        """A session was refused by a connection limit: logged once per client, then
+        counted (SPEC §3 limits; a flood must not flood the log)."""
+        if self.refusals.refused(address, reason, self.reactor.seconds()):
+            maillog.SMTPD.warn(maillog.CONNECTION_REFUSED, client=address, reply="421 4.7.0",
+                               reason=reason)
+
+    def _log_refusals(self) -> None:
+        for address, count, reason in self.refusals.summaries(self.reactor.seconds()):
+            maillog.SMTPD.warn(maillog.CONNECTIONS_REFUSED, client=address, count=count,
+                               period=int(self.refusals.period), reason=reason)
+
     def status(self) -> dict[str, Any]:
         now = self.reactor.seconds()
         processes = [{"role": "master", "pid": os.getpid(),
@@ -301,6 +319,8 @@ class MasterService(Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.directory.stopService()
+        if self._refusal_summaries.running:
+            self._refusal_summaries.stop()
         children = [*self.workers, *([self.queue_manager] if self.queue_manager else [])]
         stopping = defer.gatherResults([child.stop() for child in children])
 

@@ -50,13 +50,18 @@ class MasterAdmission:
 
     def admit(self, service: str, address: str, exempt: bool) -> defer.Deferred[str]:
         if exempt and service in SMTP_SERVICES:
-            def taken(ok: bool) -> str:
+            def taken(ok: bool) -> str | defer.Deferred[str]:
                 if not ok:
-                    return "too many connections"
+                    # No slot left to lend: the master decides, and logs a refusal once
+                    # per client as for any other.
+                    return self._ask_master(service, address, exempt)
                 self._from_lent[(service, address)] += 1
                 return ""
 
             return self.lent.take().addCallback(taken)
+        return self._ask_master(service, address, exempt)
+
+    def _ask_master(self, service: str, address: str, exempt: bool) -> defer.Deferred[str]:
         answer: defer.Deferred[dict[str, str]] = self.channel.callRemote(
             commands.Admit, service=service, address=address, exempt=exempt)
         return answer.addCallback(lambda reply: reply["refusal"])

@@ -45,11 +45,14 @@ class HeaderStage:
         if self._summary is not None:
             self._write(data)
             return
+        # Search only what is new (and the 3 bytes before it that may start the blank
+        # line): a header sent in tiny pieces must not cost a scan of all that is held each.
+        start = max(0, len(self._held) - 3)
         self._held += data
         if self._held.startswith(b"\r\n"):  # no header fields at all
             self._release(0)
             return
-        end = self._held.find(b"\r\n\r\n")
+        end = self._held.find(b"\r\n\r\n", start)
         if end >= 0 and end + 2 <= HEADER_PREFIX_LIMIT:
             self._release(end + 2)
         elif end >= 0 or len(self._held) > HEADER_PREFIX_LIMIT:

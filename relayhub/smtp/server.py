@@ -51,6 +51,7 @@ from relayhub.queue.store import Envelope, IncomingMessage, QueueStore, Recipien
 from relayhub.sendnow import send_now
 from relayhub.smtp.bdat import BadChunkSize, ChunkedBody, ChunkReader, parse_bdat
 from relayhub.smtp.data import DataReader
+from relayhub.smtp.deadline import CommandDeadline
 from relayhub.smtp.headers import HeaderStage, received_header
 from relayhub.smtp.params import parse_mail, parse_rcpt
 from relayhub.tls import SessionInfo, session_info
@@ -233,7 +234,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._chunk_reply: Reply | None = None  # the answer once the chunk has been read
         self._header_stage: HeaderStage | None = None
         self._errors = 0
+        self._deadline = CommandDeadline(config.smtp.timeout)
         self._greeted = False  # our 220 has gone out
+        self._connect_logged = False
         self._admitted = False  # counted in by the admission, so to be released
         self._stage = "CONNECT"
         self._counts: dict[str, int] = {}
@@ -294,11 +297,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._admitted = not refusal
         if self._mode is _Mode.CLOSED:  # gone while we asked
             self._release()
-        elif refusal:
-            _LOG.warn(maillog.LIMIT, reason=refusal, client=self._client_label, reply="421")
+            return
+        if refusal:
+            # Logged by the admission (the master), once per client rather than per
+            # connection: a flood must not flood the log too.
             self._send([f"421 4.7.0 {self.config.hostname} Error: {refusal}, try again later"])
             self._close()
-        elif self._buffer:
+            return
+        self._connect_logged = True
+        _LOG.info(maillog.CONNECT, client=self._client_label)
+        if self._buffer:
             # It talked before our greeting: a spam engine or a smuggling attempt
             # (RFC 5321 §4.3.1: the client waits for the 220).
             self._answer((554, "5.5.0", "Error: SMTP protocol synchronization"))
@@ -331,7 +339,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._release()
         self.factory.sessions.discard(self)
         counts = " ".join(f"{verb.lower()}={n}" for verb, n in self._counts.items())
-        _LOG.info(maillog.DISCONNECT, client=self._client_label, counts=counts)
+        if self._connect_logged:  # a refused connection is logged by the admission alone
+            _LOG.info(maillog.DISCONNECT, client=self._client_label, counts=counts)
 
     def handshakeCompleted(self) -> None:
         self._tls = session_info(self.transport)
@@ -339,6 +348,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                   tls=self._tls.comment if self._tls else "?")
 
     def timeoutConnection(self) -> None:
+        if self._mode is _Mode.CLOSED:
+            # Closed, but our last reply is still unread: a client that does not read
+            # must not keep its connection (and its slot) for ever.
+            self._transport.abortConnection()
+            return
         _LOG.info(maillog.TIMEOUT, stage=self._stage, client=self._client_label)
         if self._tls_active and self._tls is None:
             # Mid-handshake no 421 can be sent, and a TLS close would wait for the peer
@@ -361,7 +375,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         if not self._greeted:
-            self._buffer += data[: MAX_COMMAND_LINE]  # judged when admission answers
+            # Judged when admission answers; kept to a line however long that takes.
+            self._buffer += data[: MAX_COMMAND_LINE - len(self._buffer)]
+            return
+        now = self.factory.clock.seconds()
+        if self._deadline.overdue(now, len(data)):
+            self._too_slow()
             return
         if self._mode is _Mode.DATA:
             self._feed_data(data)
@@ -370,6 +389,28 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         else:
             self._buffer += data
         self._process_commands()
+        self._track_deadline(now, completed_line=b"\n" in data)
+
+    def _track_deadline(self, now: float, completed_line: bool) -> None:
+        """What the client is now in the middle of sending, for the slow-command deadline."""
+        deadline = self._deadline
+        if self._mode is _Mode.DATA:
+            if not deadline.in_data:
+                deadline.start(now, data=True)
+        elif self._pending or not (self._buffer or self._discarding_long_line):
+            deadline.clear()  # nothing half-sent, or we are the ones to wait for
+        elif completed_line or deadline.in_data or not deadline.started:
+            deadline.start(now)  # what is held began in this read
+
+    def _closed(self) -> bool:
+        # A method, so that type checkers do not take the mode for fixed across calls.
+        return self._mode is _Mode.CLOSED
+
+    def _too_slow(self) -> None:
+        _LOG.info(maillog.SLOW_COMMAND, stage=self._stage, what=self._deadline.what(),
+                  client=self._client_label)
+        self._send([f"421 4.4.2 {self.config.hostname} Error: timeout exceeded"])
+        self._close()
 
     def _feed_data(self, data: bytes) -> None:
         assert isinstance(self._reader, DataReader)
@@ -463,6 +504,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if self._mode is _Mode.CLOSED:
                 return
             self._answer(reply)
+            if self._closed():  # that reply was the tenth error
+                return
             self._transport.resumeProducing()
             self._process_commands()
 
