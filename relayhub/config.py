@@ -146,6 +146,7 @@ class Pop3Settings:
 class QueueSettings:
     backend: str
     dsn: str
+    lease: float  # postgresql: a dead hub's claimed work goes to another after this
 
 
 @dataclass(frozen=True)
@@ -605,6 +606,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
     "queue": (QueueSettings, {
         "backend": (_choice("sqlite", "postgresql"), "sqlite"),
         "dsn": (_string, ""),
+        "lease": (_duration(allow_zero=False), "60s"),
     }),
     "log": (LogSettings, {"format": (_choice("text", "json"), "text")}),
 })
@@ -643,10 +645,9 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
             f"{delivery['retry_min']:g}s is longer than delivery.retry_max "
             f"({delivery['retry_max']:g}s)",
         ))
+    if queue.get("backend") == "postgresql" and not queue.get("dsn", True):
+        problems.append(("queue.dsn", 'is empty; backend "postgresql" needs a connection string'))
     # Part of the schema (SPEC §2) but not built yet: refused, never silently ignored.
-    if queue.get("backend") == "postgresql":
-        problems.append(("queue.backend", '"postgresql" is not available in this version of '
-                                          'relayhub; use "sqlite"'))
     if log.get("format") == "json":
         problems.append(("log.format", '"json" is not available in this version of relayhub; '
                                        'use "text"'))

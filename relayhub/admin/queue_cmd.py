@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import sys
 import tempfile
 import time
@@ -26,9 +25,9 @@ from twisted.python.failure import Failure
 from relayhub import control
 from relayhub.admin.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, add_command
 from relayhub.config import Settings, load_settings, parse_duration
+from relayhub.queue.backends import STORE_ERRORS, open_store
 from relayhub.queue.ids import is_queue_id
-from relayhub.queue.schema import SchemaTooNewError
-from relayhub.queue.sqlite import QueueStateError, SQLiteQueueStore
+from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.queue.store import (
     Changed,
     HistoryEntry,
@@ -109,9 +108,10 @@ async def open_queue(reactor: Any, settings: Settings, *, must_exist: bool = Fal
     queue; a change that must persist (`must_exist`) fails.
     """
     state_dir = settings.server.state_dir
-    store = SQLiteQueueStore(state_dir, reactor=reactor)
+    store = open_store(settings, reactor=reactor)
+    where = "the shared queue" if settings.queue.backend == "postgresql" else state_dir
     with contextlib.ExitStack() as cleanup:
-        if not store.db_path.exists():
+        if isinstance(store, SQLiteQueueStore) and not store.db_path.exists():
             if must_exist:
                 raise QueueUnavailable(
                     f"no queue in {state_dir} yet: start relayhub once to create it")
@@ -119,12 +119,12 @@ async def open_queue(reactor: Any, settings: Settings, *, must_exist: bool = Fal
             store = SQLiteQueueStore(Path(scratch), reactor=reactor)
         try:
             await store.open()
-        except (OSError, sqlite3.Error, SchemaTooNewError, QueueStateError) as problem:
-            raise QueueUnavailable(f"cannot open the queue in {state_dir}: {problem}"
+        except STORE_ERRORS as problem:  # SchemaTooNewError is a RuntimeError
+            raise QueueUnavailable(f"cannot open the queue in {where}: {problem}"
                                    ) from None
         try:
             yield store
-        except (OSError, sqlite3.Error, QueueStateError) as problem:
+        except STORE_ERRORS as problem:
             raise QueueUnavailable(f"queue operation failed: {problem}") from None
         finally:
             await store.close()

@@ -46,6 +46,7 @@ from relayhub.config import DeliverySettings, NextHop
 from relayhub.delivery.interfaces import Item, LocalCourier, Notifier, Results, SMTPCourier
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.delivery.schedule import due_for_delay_warning, expired, retry_delay
+from relayhub.errors import TemporaryFailure
 from relayhub.queue.store import (
     DueWork,
     QueueStore,
@@ -147,6 +148,7 @@ class QueueManager(Service):
     def startService(self) -> None:
         super().startService()
         self._recording = True
+        self.store.watch(self.wake)  # mail queued by other hubs of a shared queue
         # This is the only queue manager of its store: leases still set are from a
         # predecessor that died mid-delivery, and those recipients are due again now.
         self.store.release_leases().addCallbacks(
@@ -195,8 +197,13 @@ class QueueManager(Service):
             else defer.succeed([])
         )
         claimed.addCallback(self._dispatch)
-        claimed.addErrback(lambda failure: _LOG.failure("queue scan failed", failure))
+        claimed.addErrback(self._scan_failed)
         claimed.addBoth(self._scan_done)
+
+    def _scan_failed(self, failure: Failure) -> None:
+        # A store that cannot reach its database says so once itself; every retry need not.
+        if not failure.check(TemporaryFailure):
+            _LOG.failure("queue scan failed", failure)
 
     def _scan_done(self, _: object) -> defer.Deferred[None] | None:
         self._scanning = False
@@ -301,7 +308,7 @@ class QueueManager(Service):
 
     def _session_done(self, result: object, key: str, work: _SessionWork) -> None:
         """A session is over: free its slot, and start another if work waits."""
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and not result.check(TemporaryFailure):
             _LOG.failure("delivery session failed", result)
         destination = self._destinations[key]
         destination.sessions.discard(work)
@@ -315,7 +322,8 @@ class QueueManager(Service):
 
         def forget(result: object) -> None:
             self._active.discard(work)
-            if isinstance(result, Failure):
+            # TemporaryFailure: the store's database is away, and the store has said so.
+            if isinstance(result, Failure) and not result.check(TemporaryFailure):
                 _LOG.failure("delivery failed", result)
 
         work.addBoth(forget)

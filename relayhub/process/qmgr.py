@@ -15,7 +15,7 @@ from relayhub.config import Settings
 from relayhub.delivery.build import build_queue_manager
 from relayhub.directory import Directory
 from relayhub.process import child, commands
-from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.backends import open_store
 
 _LOG = Logger(namespace="relayhub.qmgr")
 
@@ -39,7 +39,7 @@ class QueueManagerProcess(MultiService):
     def __init__(self, settings: Settings, reactor: Any) -> None:
         super().__init__()
         self.reactor = reactor
-        self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
+        self.store = open_store(settings, close_on_shutdown=False)
         self.directory = Directory(settings, reactor)
         self.directory.setServiceParent(self)
         self.manager = build_queue_manager(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from relayhub.delivery.results import AttemptResult
 
@@ -93,6 +93,7 @@ class StoredMessage:
     subject: str  # decoded for display, "" when absent
     held: bool
     recipients: tuple[StoredRecipient, ...] = field(default_factory=tuple)
+    hub: str = ""  # the hub that accepted it, in a queue shared by several ("" otherwise)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,16 @@ class QueueSummary:
     paused: tuple[PausedDomain, ...]
 
 
+@dataclass(frozen=True)
+class HubInfo:
+    """A hub sharing the queue (PostgreSQL): when its queue manager started and was last
+    alive (epoch seconds)."""
+
+    name: str
+    started: float
+    last_seen: float
+
+
 class IncomingMessage(abc.ABC):
     """A message being received: its body is streamed to disk, then committed durably.
 
@@ -266,6 +277,16 @@ class QueueStore(abc.ABC):
     def release_leases(self) -> Deferred[int]:
         """End every lease: called when the (single) queue manager starts, since leases
         left by a crashed one would otherwise delay those recipients until they expire."""
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when mail is queued or the queue changed somewhere this process does
+        not hear of otherwise (another hub of a shared queue). One store: nothing to do, the
+        master wakes the queue manager."""
+        return None
+
+    def hubs(self) -> Deferred[list[HubInfo]]:
+        """The hubs sharing this queue; none for a queue of one hub."""
+        return succeed([])
 
     @abc.abstractmethod
     def next_due(self, now: float) -> Deferred[float | None]:
