@@ -4,6 +4,7 @@ to run as root), listening only on a Unix socket in that directory, fsync on."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -69,8 +70,6 @@ class PGServer:
         return self.dsn(name)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
