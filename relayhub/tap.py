@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.process.master import MasterService
+from relayhub.queue.backends import schema_problem
 
 
 class Options(usage.Options):
@@ -33,6 +34,10 @@ class Options(usage.Options):
             # One line per problem and exit 1; a traceback helps no administrator here.
             sys.stderr.write(f"{error}\n")
             raise SystemExit(1) from None
+        problem = schema_problem(self.settings)
+        if problem is not None:
+            sys.stderr.write(f"{self.settings.source}: queue.dsn: {problem}\n")
+            raise SystemExit(1)
 
 
 def makeService(options: Options) -> MasterService:

@@ -39,7 +39,7 @@ class QueueManagerProcess(MultiService):
     def __init__(self, settings: Settings, reactor: Any) -> None:
         super().__init__()
         self.reactor = reactor
-        self.store = open_store(settings, close_on_shutdown=False)
+        self.store = open_store(settings, close_on_shutdown=False, daemon=True)
         self.directory = Directory(settings, reactor)
         self.directory.setServiceParent(self)
         self.manager = build_queue_manager(

@@ -47,7 +47,7 @@ class WorkerProcess(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
-        self.store = open_store(settings, close_on_shutdown=False)
+        self.store = open_store(settings, close_on_shutdown=False, daemon=True)
         self.directory = Directory(settings, reactor)
         self.directory.setServiceParent(self)
         self.smtp: SMTPService | None = None

@@ -102,3 +102,20 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> int:
         else:
             conn.execute("UPDATE relayhub_schema SET version = %s", (len(MIGRATIONS),))
     return len(MIGRATIONS)
+
+
+def unknown_version(dsn: str, timeout: float) -> str | None:
+    """Why a hub must not start on the database at `dsn` (it holds a schema this relayhub
+    does not know), or None. An unreachable database is not a reason: the hub waits for it."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=max(int(timeout), 1)) as conn:
+            exists = conn.execute("SELECT to_regclass('relayhub_schema')").fetchone()
+            if exists is None or exists[0] is None:
+                return None
+            row = conn.execute("SELECT version FROM relayhub_schema").fetchone()
+    except psycopg.OperationalError:
+        return None
+    if row is not None and int(str(row[0])) > len(MIGRATIONS):
+        return (f"the queue database holds schema version {row[0]}, newer than this "
+                f"relayhub knows ({len(MIGRATIONS)}): upgrade relayhub")
+    return None

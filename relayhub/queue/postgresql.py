@@ -123,6 +123,10 @@ _LEASED = f"""
 """
 
 
+class QueueDatabaseError(RuntimeError):
+    """The queue database cannot be opened (unreachable, refused, wrong DSN)."""
+
+
 class QueueDatabaseUnavailable(TemporaryFailure):
     """The queue database cannot be reached; SMTP answers 451 and deliveries wait."""
 
@@ -262,7 +266,8 @@ class PostgreSQLQueueStore(QueueStore):
     log = Logger()
 
     def __init__(self, dsn: str, state_dir: Path, *, hub: str, lease: float = 60.0,
-                 reactor: Any = None, close_on_shutdown: bool = True) -> None:
+                 reactor: Any = None, close_on_shutdown: bool = True,
+                 waiting_open: bool = False) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -291,6 +296,10 @@ class PostgreSQLQueueStore(QueueStore):
         self._listener: _Listener | None = None
         self._wake: Callable[[], None] | None = None
         self._down = False  # the database was unreachable at the last call (logged once)
+        # open() waits for an unreachable database (a daemon's processes) or fails at once
+        # (relayhubctl, tests: waiting_open=False).
+        self._waiting = waiting_open
+        self._closing = threading.Event()
 
     def _count(self, name: str) -> None:
         setattr(self.stats, name, getattr(self.stats, name) + 1)
@@ -311,8 +320,24 @@ class PostgreSQLQueueStore(QueueStore):
         def open_sync() -> None:
             assert self._pool is not None
             self.cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with psycopg.connect(self.dsn, connect_timeout=int(CONNECT_TIMEOUT)) as conn:
-                pgschema.migrate(conn)
+            said = False
+            # The database may be away as the hub starts: wait for it (saying so once)
+            # rather than fail, which would only have the master restart us in a loop.
+            while True:
+                try:
+                    with psycopg.connect(self.dsn, connect_timeout=int(CONNECT_TIMEOUT)
+                                         ) as conn:
+                        pgschema.migrate(conn)
+                    break
+                except psycopg.OperationalError as exc:
+                    if not self._waiting or self._closing.is_set():
+                        raise
+                    if not said:
+                        said = True
+                        self.log.error(maillog.QUEUE_DB_DOWN, error=str(exc).strip())
+                    self._closing.wait(LISTEN_POLL)
+            if said:
+                self.log.info(maillog.QUEUE_DB_UP)
             self._pool.open(wait=False)
 
         def opened(_: None) -> None:
@@ -323,6 +348,9 @@ class PostgreSQLQueueStore(QueueStore):
 
         def failed(reason: Failure) -> Failure:
             self._stop_threads()
+            if reason.check(psycopg.Error):
+                return Failure(QueueDatabaseError(
+                    f"cannot open the queue database: {reason.getErrorMessage().strip()}"))
             return reason
 
         d = deferToThreadPool(self._reactor, self._threads, open_sync)
@@ -330,6 +358,7 @@ class PostgreSQLQueueStore(QueueStore):
         return d
 
     def close(self) -> Deferred[None]:
+        self._closing.set()
         if self._keeper is not None and self._keeper.running:
             self._keeper.stop()
         if self._listener is not None:
