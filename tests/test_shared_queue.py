@@ -10,20 +10,24 @@ own state directories and ports on one PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ReactorThread
-from hubprocess import Hub, Queue, free_port
+from hubprocess import REPO, Hub, Queue, free_port
 from test_crash_delivery import SENDER, SINK_DOMAIN, SlowSink, submit
 
 LEASE = "3s"
@@ -237,3 +241,28 @@ def test_database_stopped_mid_load_refuses_with_451_and_loses_nothing(
     assert 1 <= log.count("queue database unavailable") <= 2, log[-3000:]
     assert log.count("queue database available again") >= 1
     assert "died after" not in log and "Traceback" not in log, log[-3000:]
+
+
+def ctl(hub: Hub, *args: str) -> Any:
+    """`relayhubctl -c <hub's config> args...`, its JSON output parsed."""
+    done = subprocess.run([str(Path(sys.executable).with_name("relayhubctl")), "-c",
+                           str(hub.config_path), *args, "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=hub.directory,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_relayhubctl_on_any_hub_sees_the_shared_queue_and_its_hubs(
+        hubs: tuple[Hub, Hub]) -> None:
+    a, b = hubs  # nothing listens on the sink's port: the mail stays queued, deferred
+    a.start()
+    b.start()
+    from_a = a.send([f"x@{SINK_DOMAIN}"], b"Subject: via a\r\n\r\nbody a\r\n")
+    from_b = b.send([f"y@{SINK_DOMAIN}"], b"Subject: via b\r\n\r\nbody b\r\n")
+    listed = {m["id"]: m for m in ctl(b, "queue", "list")}
+    assert (listed[from_a]["hub"], listed[from_b]["hub"]) == ("hub-a.test", "hub-b.test")
+    shown = ctl(b, "queue", "show", from_a, "--body")  # A's body, read on B
+    assert shown["hub"] == "hub-a.test" and shown["body"].endswith("body a\r\n")
+    a.wait(lambda: {h["name"] for h in ctl(a, "status")["hubs"]} == {"hub-a.test",
+                                                                     "hub-b.test"})

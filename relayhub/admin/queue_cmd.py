@@ -197,10 +197,12 @@ def recipient_json(recipient: StoredRecipient) -> dict[str, Any]:
     }
 
 
-def message_json(message: StoredMessage) -> dict[str, Any]:
-    """One message as `queue list --json` prints it (SPEC §8)."""
+def message_json(message: StoredMessage, settings: Settings) -> dict[str, Any]:
+    """One message as `queue list --json` prints it (SPEC §8), and the hub that accepted
+    it (this one, for a queue of its own)."""
     return {
         "id": message.queue_id,
+        "hub": message.hub or settings.server.hostname,
         "size": message.size,
         "arrival": utc(message.arrival),
         "sender": message.envelope.sender,
@@ -245,6 +247,8 @@ def message_lines(message: StoredMessage) -> list[str]:
              f"{printable(sender)}"]
     if message.subject:
         lines.append(f"  Subject: {printable(message.subject)}")
+    if message.hub:  # a queue shared by several hubs: which one accepted it
+        lines.append(f"  Hub: {printable(message.hub)}")
     for recipient in message.recipients:
         lines += _recipient_lines(recipient)
     return lines
@@ -271,7 +275,7 @@ async def queue_list(reactor: Any, settings: Settings, args: argparse.Namespace)
     async with open_queue(reactor, settings) as store:
         messages = await store.list_messages(only)
     if args.json:
-        print_json([message_json(m) for m in messages])
+        print_json([message_json(m, settings) for m in messages])
         return EXIT_OK
     if not messages:
         print("Mail queue is empty" if only == MessageFilter() else "No matching messages")
@@ -334,14 +338,14 @@ async def queue_show(reactor: Any, settings: Settings, args: argparse.Namespace)
     async with open_queue(reactor, settings) as store:
         message = await store.get_message(args.id)
         history = await store.history(args.id) if message else []
-        path = store.body_path(args.id) if message else ""
+        path = await store.fetch_body(args.id) if message else ""
     if message is None:
         say_error(f"{args.id}: no such message in the queue")
         return EXIT_FAILED
     headers, _ = read_header_section(path)
     body = _read_body(path) if args.body else None
     if args.json:
-        shown = message_json(message)
+        shown = message_json(message, settings)
         shown["headers"] = [{"name": name, "value": value} for name, value in headers]
         shown["history"] = [history_json(entry) for entry in history]
         if args.body:
@@ -354,7 +358,8 @@ async def queue_show(reactor: Any, settings: Settings, args: argparse.Namespace)
           f"Size:       {message.size} bytes\n"
           f"Sender:     {printable(message.envelope.sender or '<>')}\n"
           f"Subject:    {printable(message.subject)}\n"
-          f"Status:     {status}")
+          + (f"Hub:        {printable(message.hub)}\n" if message.hub else "")
+          + f"Status:     {status}")
     print("\n".join(_envelope_lines(message)))
     print("Recipients:")
     for recipient in message.recipients:

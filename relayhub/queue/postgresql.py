@@ -531,6 +531,15 @@ class PostgreSQLQueueStore(QueueStore):
             raise ValueError(f"not a queue ID: {queue_id!r}")
         return str(self.cache / queue_id)
 
+    def fetch_body(self, queue_id: str) -> Deferred[str]:
+        path = self.body_path(queue_id)
+
+        def fetch(conn: Conn) -> str:
+            self.materialise(conn, [queue_id])
+            return path
+
+        return self._call(fetch)
+
     def materialise(self, conn: Conn, queue_ids: Sequence[str]) -> None:
         """Pool thread: write the bodies of `queue_ids` not yet cached here into the cache
         (no fsync: the database holds the durable copy)."""

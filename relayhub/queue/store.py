@@ -264,7 +264,13 @@ class QueueStore(abc.ABC):
 
     @abc.abstractmethod
     def body_path(self, queue_id: str) -> str:
-        """Path of the stored body file (read-only use)."""
+        """Path of the stored body file (read-only use). For a queue shared by several hubs
+        it is this hub's copy, there for messages received here or handed out by
+        `claim_due`; `fetch_body` makes one for any message."""
+
+    def fetch_body(self, queue_id: str) -> Deferred[str]:
+        """`body_path(queue_id)`, once a copy of the body is surely there."""
+        return succeed(self.body_path(queue_id))
 
     # -- for the queue manager ----------------------------------------------------------
 
