@@ -587,3 +587,7 @@ def register(commands: Commands) -> None:
 
     resume = action("resume", "end a pause; the domain's mail is due at once", queue_resume)
     resume.add_argument("--domain", metavar="D", required=True)
+
+    from relayhub.admin.migration import add_migrate  # it imports this module
+
+    add_migrate(action)
