@@ -467,7 +467,9 @@ class PostgreSQLQueueStore(QueueStore):
                 results[i] = exc
         if bodies:
             assert self._pool is not None
-            with self._pool.connection() as conn:
+            # One transaction (one WAL flush) for the batch; committed when the outer block
+            # ends, before any of its sessions is answered.
+            with self._pool.connection() as conn, conn.transaction():
                 for i, body in bodies.items():
                     try:
                         with conn.transaction():  # a savepoint: one bad message fails alone
