@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import replace
 from email import policy as email_policy
 from email.parser import HeaderParser
 from pathlib import Path
@@ -108,9 +109,15 @@ async def open_queue(reactor: Any, settings: Settings, *, must_exist: bool = Fal
     queue; a change that must persist (`must_exist`) fails.
     """
     state_dir = settings.server.state_dir
-    store = open_store(settings, reactor=reactor)
-    where = "the shared queue" if settings.queue.backend == "postgresql" else state_dir
+    shared = settings.queue.backend == "postgresql"
+    where = "the shared queue" if shared else state_dir
     with contextlib.ExitStack() as cleanup:
+        if shared:
+            # Its body copies (`queue show`) go to a scratch directory, for the same reason.
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="relayhubctl-"))
+            settings = replace(settings, server=replace(settings.server,
+                                                        state_dir=Path(scratch)))
+        store = open_store(settings, reactor=reactor)
         if isinstance(store, SQLiteQueueStore) and not store.db_path.exists():
             if must_exist:
                 raise QueueUnavailable(
@@ -339,11 +346,12 @@ async def queue_show(reactor: Any, settings: Settings, args: argparse.Namespace)
         message = await store.get_message(args.id)
         history = await store.history(args.id) if message else []
         path = await store.fetch_body(args.id) if message else ""
+        # Read while the store is open: a shared queue's copy lives only as long.
+        headers, _ = read_header_section(path) if message else ([], None)
+        body = _read_body(path) if message and args.body else None
     if message is None:
         say_error(f"{args.id}: no such message in the queue")
         return EXIT_FAILED
-    headers, _ = read_header_section(path)
-    body = _read_body(path) if args.body else None
     if args.json:
         shown = message_json(message, settings)
         shown["headers"] = [{"name": name, "value": value} for name, value in headers]
