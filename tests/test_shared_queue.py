@@ -266,3 +266,20 @@ def test_relayhubctl_on_any_hub_sees_the_shared_queue_and_its_hubs(
     assert shown["hub"] == "hub-a.test" and shown["body"].endswith("body a\r\n")
     a.wait(lambda: {h["name"] for h in ctl(a, "status")["hubs"]} == {"hub-a.test",
                                                                      "hub-b.test"})
+
+
+def test_a_hub_refuses_to_start_on_a_schema_it_does_not_know(
+        tmp_path: Path, pg_dsn: str, sink_port: int) -> None:
+    import psycopg
+
+    from relayhub.queue import pgschema
+
+    with psycopg.connect(pg_dsn) as conn:
+        pgschema.migrate(conn)
+        conn.execute("UPDATE relayhub_schema SET version = version + 1")
+    hub = make_hub(tmp_path / "a", "hub-a.test", pg_dsn, sink_port)
+    with pytest.raises(RuntimeError, match="relayhub exited 1") as refused:
+        hub.start()
+    message = str(refused.value)
+    assert "queue.dsn: the queue database holds schema version" in message
+    assert "Traceback" not in message
