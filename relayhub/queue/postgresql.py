@@ -374,16 +374,23 @@ class PostgreSQLQueueStore(QueueStore):
         idle = self._commits.idle()
         idle.addCallback(lambda _: self._records.idle())
 
+        def close_pool(_: object) -> Deferred[None]:
+            pool, self._pool = self._pool, None
+            if pool is None:
+                return succeed(None)
+            return deferToThreadPool(self._reactor, self._threads, pool.close, 1.0)
+
         def stop(result: object) -> object:
             self._stop_threads()
             return result
 
-        return idle.addBoth(stop)
+        return idle.addCallback(close_pool).addBoth(stop)
 
     def _stop_threads(self) -> None:
         if self._pool is not None:
+            # Only while opening failed or was cut short: no connection is in use.
             pool, self._pool = self._pool, None
-            pool.close(timeout=1.0)
+            pool.close(timeout=0.0)
         if self._threads.started:
             self._threads.stop()
 
