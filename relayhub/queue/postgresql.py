@@ -68,6 +68,8 @@ POOL_SIZE = 4
 CONNECT_TIMEOUT = 5.0
 # The channel on which new or newly due mail is announced to every hub's queue manager.
 CHANNEL = "relayhub_queue"
+# The longest between two heartbeats (and lease renewals) of a hub's queue manager.
+HEARTBEAT = 10.0
 # How often the listener looks whether it should stop, and waits before reconnecting.
 LISTEN_POLL = 1.0
 
@@ -614,7 +616,7 @@ class PostgreSQLQueueStore(QueueStore):
         if self._keeper is None:
             self._keeper = LoopingCall(self._keep)
             self._keeper.clock = self._reactor
-            self._keeper.start(max(self.lease / 3, 0.5), now=False).addErrback(
+            self._keeper.start(min(max(self.lease / 3, 0.5), HEARTBEAT), now=False).addErrback(
                 lambda failure: self.log.failure("lease keeper stopped", failure))
 
         def release(conn: Conn) -> int:

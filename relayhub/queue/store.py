@@ -281,8 +281,9 @@ class QueueStore(abc.ABC):
 
     @abc.abstractmethod
     def release_leases(self) -> Deferred[int]:
-        """End every lease: called when the (single) queue manager starts, since leases
-        left by a crashed one would otherwise delay those recipients until they expire."""
+        """End every lease of this hub: called when its (single) queue manager starts,
+        since leases left by a crashed one would otherwise delay those recipients until they
+        expire. (A queue shared by several hubs leaves the other hubs' leases alone.)"""
 
     def watch(self, wake: Callable[[], None]) -> None:
         """Call `wake` when mail is queued or the queue changed somewhere this process does
