@@ -173,3 +173,13 @@ def test_database_down_is_a_temporary_failure_said_once_and_recovers(
         globalLogPublisher.removeObserver(observe)
         reactor_thread.run(store.close)
         server.close()
+
+
+def test_a_recipient_this_hub_still_holds_is_not_handed_out_again(
+        reactor_thread: ReactorThread, two: tuple[PostgreSQLQueueStore, ...]) -> None:
+    rt, (a, _b) = reactor_thread, two
+    queue(rt, a, "bob@example.com")
+    assert len(rt.run(a.claim_due, time.time(), 10, 60.0)) == 1
+    # Its lease ran out (a database outage kept it from being renewed), and a scans again
+    # while its queue manager still has the recipient in hand: not a second attempt.
+    assert rt.run(a.claim_due, time.time() + 5, 10, 60.0) == []

@@ -68,6 +68,8 @@ MESSAGES_PER_SESSION = 50
 LEASE = 3600.0
 # Never sleep longer than this: a clock jump or a change by another process is noticed.
 MAX_SLEEP = 60.0
+# How long to wait before new sessions when the queue's database was away.
+STORE_RETRY = 5.0
 # How long a stop waits for attempts under way to finish and be recorded. The rest keep
 # their leases and are retried after the next start (SPEC §9).
 STOP_GRACE = 10.0
@@ -271,6 +273,10 @@ class QueueManager(Service):
             session.addBoth(self._session_done, key, work)
             self._track(session)
 
+    def _start_sessions_again(self, key: str) -> None:
+        if key in self._destinations:
+            self._start_sessions(key)
+
     async def _next_for(self, work: _SessionWork) -> Item | None:
         """The next confirmed item for `work`'s session, or None to end it."""
         destination = work.destination
@@ -308,11 +314,16 @@ class QueueManager(Service):
 
     def _session_done(self, result: object, key: str, work: _SessionWork) -> None:
         """A session is over: free its slot, and start another if work waits."""
-        if isinstance(result, Failure) and not result.check(TemporaryFailure):
+        store_away = isinstance(result, Failure) and result.check(TemporaryFailure)
+        if isinstance(result, Failure) and not store_away:
             _LOG.failure("delivery session failed", result)
         destination = self._destinations[key]
         destination.sessions.discard(work)
-        if destination.waiting:
+        if destination.waiting and store_away:
+            # The queue's database is away: the next session waits a little, rather than
+            # connecting to the next hop again and again for nothing.
+            self.clock.callLater(STORE_RETRY, self._start_sessions_again, key)
+        elif destination.waiting:
             self._start_sessions(key)
         elif not destination.sessions:
             del self._destinations[key]

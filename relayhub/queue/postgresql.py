@@ -604,8 +604,16 @@ class PostgreSQLQueueStore(QueueStore):
                     for m in messages]
 
         def held(work: list[DueWork]) -> list[DueWork]:
-            self._held.update((w.message.queue_id, r.index) for w in work for r in w.recipients)
-            return work
+            # A lease of ours that ran out while the database was away may be claimed
+            # again while the queue manager still holds its recipient: not twice.
+            fresh = []
+            for item in work:
+                mine = tuple(r for r in item.recipients
+                             if (item.message.queue_id, r.index) not in self._held)
+                if mine:
+                    fresh.append(DueWork(item.message, mine))
+            self._held.update((w.message.queue_id, r.index) for w in fresh for r in w.recipients)
+            return fresh
 
         return self._call(claim).addCallback(held)
 
