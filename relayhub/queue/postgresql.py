@@ -12,6 +12,7 @@ when a message is claimed, so the couriers read them through `body_path` as with
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -316,8 +317,11 @@ class PostgreSQLQueueStore(QueueStore):
             self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=CONNECT_TIMEOUT,
             # Connections killed while idle (a database restart) are replaced, not used.
             check=psycopg_pool.ConnectionPool.check_connection,
-            # Keep trying for as long as the database is away: it may come back any time.
-            reconnect_timeout=365 * 86400.0, name="relayhub-queue")
+            # A reconnection backs off ever longer; giving it up soon lets the next call
+            # start a fresh one, so a database back after a long outage is found at once.
+            reconnect_timeout=CONNECT_TIMEOUT, name="relayhub-queue")
+        # The pool would warn on stderr at every failed attempt; the store says it once.
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
         def open_sync() -> None:
             assert self._pool is not None
