@@ -69,6 +69,8 @@ POOL_SIZE = 4
 CONNECT_TIMEOUT = 5.0
 # The channel on which new or newly due mail is announced to every hub's queue manager.
 CHANNEL = "relayhub_queue"
+# Bodies read per query when copying them into this hub's cache (bounds the memory used).
+BODIES_PER_QUERY = 8
 # The longest between two heartbeats (and lease renewals) of a hub's queue manager.
 HEARTBEAT = 10.0
 # How often the listener looks whether it should stop, and waits before reconnecting.
@@ -468,29 +470,32 @@ class PostgreSQLQueueStore(QueueStore):
         return Failure(TemporaryFailure())
 
     def _write_commits(self, jobs: list[_Job]) -> list[Exception | None]:
-        """Pool thread: read each body back, then one transaction for the whole batch."""
+        """Pool thread: one transaction for the whole batch, each body read back from its
+        file just before its insert (one body in memory at a time)."""
         results: list[Exception | None] = [None] * len(jobs)
-        bodies: dict[int, bytes] = {}
+        written: list[int] = []
         for i, job in enumerate(jobs):
             try:
                 with job.file:
                     job.file.flush()
-                bodies[i] = job.path.read_bytes()
+                written.append(i)
             except OSError as exc:
                 results[i] = exc
-        if bodies:
+        if written:
             assert self._pool is not None
             # One transaction (one WAL flush) for the batch; committed when the outer block
             # ends, before any of its sessions is answered.
             with self._pool.connection() as conn, conn.transaction():
-                for i, body in bodies.items():
+                for i in written:
                     try:
+                        body = jobs[i].path.read_bytes()
                         with conn.transaction():  # a savepoint: one bad message fails alone
                             self._insert_one(conn, jobs[i], body)
-                    except (psycopg.IntegrityError, psycopg.DataError) as exc:
+                    except (OSError, psycopg.IntegrityError, psycopg.DataError) as exc:
                         results[i] = exc
+                    body = b""
                 conn.execute(f"NOTIFY {CHANNEL}")
-        for i in bodies:
+        for i in written:
             if results[i] is None:
                 self._live_ids.discard(jobs[i].queue_id)  # set ops are atomic under the GIL
         return results
@@ -559,15 +564,16 @@ class PostgreSQLQueueStore(QueueStore):
         """Pool thread: write the bodies of `queue_ids` not yet cached here into the cache
         (no fsync: the database holds the durable copy)."""
         missing = [q for q in queue_ids if not (self.cache / q).exists()]
-        if not missing:
-            return
-        rows = conn.execute("SELECT message_id, data FROM bodies WHERE message_id = ANY(%s)",
-                            (missing,)).fetchall()
-        for queue_id, data in rows:
-            tmp = self.cache / f".{queue_id}.{os.getpid()}.{threading.get_ident()}"
-            with open(tmp, "wb") as out:
-                out.write(data)
-            os.replace(tmp, self.cache / queue_id)
+        # A few at a time: a claim may hand out hundreds of messages of any size.
+        for start in range(0, len(missing), BODIES_PER_QUERY):
+            rows = conn.execute(
+                "SELECT message_id, data FROM bodies WHERE message_id = ANY(%s)",
+                (missing[start:start + BODIES_PER_QUERY],)).fetchall()
+            for queue_id, data in rows:
+                tmp = self.cache / f".{queue_id}.{os.getpid()}.{threading.get_ident()}"
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, self.cache / queue_id)
 
     def collect_orphans(self, older_than: float) -> Deferred[int]:
         """Remove cached bodies that no longer have a message (delivered by another hub,
