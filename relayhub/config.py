@@ -157,6 +157,7 @@ class QueueSettings:
     backend: str
     dsn: str
     min_free_space: int  # bytes; below this, new mail gets 452 4.3.1
+    lease: float  # postgresql: a dead hub's claimed work goes to another after this
 
 
 @dataclass(frozen=True)
@@ -743,6 +744,7 @@ _SCHEMA: Mapping[str, tuple[type, Mapping[str, tuple[_Parser, object]]]] = Mappi
         "backend": (_choice("sqlite", "postgresql"), "sqlite"),
         "dsn": (_string, ""),
         "min_free_space": (_size(0), "100MB"),
+        "lease": (_duration(allow_zero=False), "60s"),
     }),
     "log": (LogSettings, {"format": (_choice("text", "json"), "text")}),
     "metrics": (MetricsSettings, {"listen": (_ENDPOINTS, [])}),
@@ -795,10 +797,9 @@ def _cross_checks(values: _Values) -> list[tuple[str, str]]:
             f"{delivery['retry_min']:g}s is longer than delivery.retry_max "
             f"({delivery['retry_max']:g}s)",
         ))
+    if queue.get("backend") == "postgresql" and not queue.get("dsn", True):
+        problems.append(("queue.dsn", 'is empty; backend "postgresql" needs a connection string'))
     # Part of the schema (SPEC §2) but not built yet: refused, never silently ignored.
-    if queue.get("backend") == "postgresql":
-        problems.append(("queue.backend", '"postgresql" is not available in this version of '
-                                          'relayhub; use "sqlite"'))
     if tls.get("private_key") and "certificate" in tls and tls["certificate"] is None:
         problems.append(("tls.private_key", "is set but tls.certificate is not"))
     if tls.get("certificate") and "private_key" in tls:

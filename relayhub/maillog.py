@@ -53,6 +53,10 @@ STS_FETCHED = "MTA-STS policy of {domain} fetched: id={id}, mode={mode}, max_age
 NOTICE = "{queue_id}: sender {kind} notification: {notice_id}"
 DOUBLE_BOUNCE = "{queue_id}: undeliverable postmaster notification discarded"
 
+# The shared queue database (PostgreSQL): said once when it goes away, once when it is back.
+QUEUE_DB_DOWN = "queue database unavailable, mail is refused with 451 until it returns: {error}"
+QUEUE_DB_UP = "queue database available again"
+
 # Aliases (relayhub.aliases) and the address lookups they answer.
 ALIASES = Logger(namespace="relayhub.aliases")
 ALIASES_LOADED = "aliases: loaded {path}: {aliases} aliases, {includes} include files"

@@ -12,6 +12,7 @@ from twisted.python import usage
 from relayhub.config import ConfigError, Settings, read_config, settings_from_text
 from relayhub.fdlimit import raise_open_files_limit
 from relayhub.process.master import MasterService
+from relayhub.queue.backends import schema_problem
 from relayhub.users import UsersFileError
 
 JSON_OBSERVER = "relayhub.jsonlog.master_observer"
@@ -46,6 +47,10 @@ class Options(usage.Options):
             # twistd's own --logger option (a name it imports after this): the master's
             # log becomes JSON lines.
             self.parent["logger"] = self.parent.get("logger") or JSON_OBSERVER
+        problem = schema_problem(self.settings)
+        if problem is not None:
+            sys.stderr.write(f"{self.settings.source}: queue.dsn: {problem}\n")
+            raise SystemExit(1)
 
 
 def makeService(options: Options) -> MasterService:

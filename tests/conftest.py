@@ -44,3 +44,39 @@ def reactor_thread() -> Iterator[ReactorThread]:
     rt.start()
     yield rt
     rt.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (tests/pgserver.py); skipped, saying why,
+    where it cannot run."""
+    import pgserver
+
+    why = pgserver.available()
+    if why is not None:
+        pytest.skip(f"no PostgreSQL for the tests: {why}")
+    server = pgserver.PGServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Any) -> str:
+    """A fresh, empty database of the session's server."""
+    return str(pg_server.new_database())
+
+
+def make_store(backend: str, state_dir: Any, request: pytest.FixtureRequest,
+               hub: str = "hub.test", lease: float = 60.0) -> Any:
+    """An unopened queue store of `backend` ("sqlite" or "postgresql", a fresh database)."""
+    if backend == "postgresql":
+        from relayhub.queue.postgresql import PostgreSQLQueueStore
+
+        return PostgreSQLQueueStore(request.getfixturevalue("pg_dsn"), state_dir, hub=hub,
+                                    lease=lease)
+    from relayhub.queue.sqlite import SQLiteQueueStore
+
+    return SQLiteQueueStore(state_dir)
+
+
+BACKENDS = ["sqlite", "postgresql"]

@@ -208,12 +208,22 @@ class Hub:
 class Queue:
     """Reads the hub's queue through the store API, as relayhubctl will."""
 
-    def __init__(self, reactor_thread: ReactorThread, state_dir: Path) -> None:
+    def __init__(self, reactor_thread: ReactorThread, state_dir: Path,
+                 dsn: str | None = None) -> None:
+        """`dsn`: the hub's queue is in this PostgreSQL database."""
         self.rt = reactor_thread
         self.state_dir = state_dir
+        self.dsn = dsn
+
+    def _store(self) -> Any:
+        if self.dsn is not None:
+            from relayhub.queue.postgresql import PostgreSQLQueueStore
+
+            return PostgreSQLQueueStore(self.dsn, self.state_dir, hub="tests")
+        return SQLiteQueueStore(self.state_dir)
 
     def messages(self) -> Sequence[StoredMessage]:
-        store = SQLiteQueueStore(self.state_dir)
+        store = self._store()
         self.rt.run(store.open)
         try:
             return self.rt.run(store.list_messages)

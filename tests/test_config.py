@@ -169,6 +169,7 @@ def test_builtin_defaults(tmp_path: Path) -> None:
     assert settings.pop3.apop is False
     assert (settings.queue.backend, settings.queue.dsn) == ("sqlite", "")
     assert settings.queue.min_free_space == 100_000_000
+    assert settings.queue.lease == 60.0
     assert settings.log.format == "text"
     assert settings.metrics.listen == ()
     assert settings == parse_settings({}, BUILTIN_SOURCE)
@@ -405,8 +406,9 @@ BAD_CASES = [
     ('[delivery]\ntls = "must"\n',
      'delivery.tls: "must" is not one of "none", "opportunistic", "required", "verify"'),
     ("[delivery]\nsmtp_port = 70000\n", "delivery.smtp_port: must be 1 to 65535, not 70000"),
-    ('[queue]\nbackend = "postgresql"\ndsn = "dbname=q"\n',
-     'queue.backend: "postgresql" is not available in this version of relayhub; use "sqlite"'),
+    ('[queue]\nbackend = "postgresql"\n',
+     'queue.dsn: is empty; backend "postgresql" needs a connection string'),
+    ('[queue]\nlease = "0s"\n', 'queue.lease: "0s": must be longer than 0s'),
     ('[metrics]\nlisten = ["tcp:metrics"]\n',
      'metrics.listen[0]: "tcp:metrics" is not a valid endpoint: invalid literal for int() '
      "with base 10: 'metrics'"),

@@ -17,8 +17,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import BACKENDS
 from hubprocess import REPO, Hub, SMTPConnection, free_port
 
 POSTMASTER = "postmaster@localhost"
@@ -47,9 +49,17 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def hub2(tmp_path: Path) -> Iterator[Hub]:
-    hub = Hub(tmp_path, {"server": {"workers": 2, "shutdown_grace": "5s"}}).start()
+def queue_section(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """[queue] for `backend`: PostgreSQL gets a fresh database of the session's server."""
+    if backend == "postgresql":
+        return {"backend": "postgresql", "dsn": request.getfixturevalue("pg_dsn")}
+    return {"backend": "sqlite"}
+
+
+@pytest.fixture(params=BACKENDS)
+def hub2(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Hub]:
+    hub = Hub(tmp_path, {"server": {"workers": 2, "shutdown_grace": "5s"},
+                         "queue": queue_section(request.param, request)}).start()
     yield hub
     hub.stop()
 
@@ -136,10 +146,13 @@ def test_sighup_mid_transaction_and_alias_added_before_it(tmp_path: Path) -> Non
         hub.stop()
 
 
-def test_sigterm_exits_0_and_queued_mail_goes_after_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_exits_0_and_queued_mail_goes_after_restart(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     sink_port = free_port()
     hub = Hub(tmp_path, {
         "server": {"workers": 1, "shutdown_grace": "3s"},
+        "queue": queue_section(backend, request),
         "routing": {"transport": {"sink.example": f"[127.0.0.1]:{sink_port}"}},
         "delivery": {"tls": "none", "retry_min": "1s", "retry_max": "1s"},
     }).start()

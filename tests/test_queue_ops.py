@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ReactorThread
+from conftest import BACKENDS, ReactorThread, make_store
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
@@ -35,9 +35,11 @@ from relayhub.routing import Router
 SENDER = "alice@example.org"
 
 
-@pytest.fixture
-def store(reactor_thread: ReactorThread, tmp_path: Path) -> Iterator[SQLiteQueueStore]:
-    s = SQLiteQueueStore(tmp_path)
+@pytest.fixture(params=BACKENDS)
+def store(reactor_thread: ReactorThread, tmp_path: Path, request: pytest.FixtureRequest
+          ) -> Iterator[SQLiteQueueStore]:
+    # Both backends behave alike here (the PostgreSQL store duck-types the SQLite one).
+    s = make_store(request.param, tmp_path, request)
     reactor_thread.run(s.open)
     yield s
     reactor_thread.run(s.close)
@@ -57,6 +59,18 @@ def message(rt: ReactorThread, store: SQLiteQueueStore, queue_id: str) -> Stored
     found = rt.run(store.get_message, queue_id)
     assert found is not None
     return found
+
+
+def count_rows(store: Any, table: str) -> int:
+    """Rows of a queue table, read from the database behind the store."""
+    if hasattr(store, "dsn"):
+        import psycopg
+
+        with psycopg.connect(store.dsn) as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            return int(row[0]) if row else 0
+    with sqlite3.connect(Path(store.db_path)) as db:
+        return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
 def deferred_result(address: str) -> AttemptResult:
@@ -160,9 +174,7 @@ def test_results_of_an_attempt_on_a_deleted_message_are_discarded(
     update = RecipientUpdate(0, deferred_result("a@x.example"), time.time() + 60)
     assert rt.run(store.record_attempts, queue_id, [update], time.time()) is Recorded.VANISHED
     assert rt.run(store.list_messages) == []
-    with sqlite3.connect(Path(store.db_path)) as db:
-        assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == 0
-        assert db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 0
+    assert count_rows(store, "history") == count_rows(store, "recipients") == 0
     assert item.message.queue_id == queue_id
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import BACKENDS, make_store
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
@@ -57,6 +58,16 @@ def store(reactor_thread: Any, tmp_path: Path) -> Iterator[SQLiteQueueStore]:
     reactor_thread.run(s.close)
 
 
+@pytest.fixture(params=BACKENDS)
+def any_store(reactor_thread: Any, tmp_path: Path, request: pytest.FixtureRequest
+              ) -> Iterator[SQLiteQueueStore]:
+    """Each backend in turn, for behaviour they share (the PostgreSQL store duck-types)."""
+    s = make_store(request.param, tmp_path, request)
+    reactor_thread.run(s.open)
+    yield s
+    reactor_thread.run(s.close)
+
+
 def receive(store: SQLiteQueueStore, body: bytes, envelope: Envelope = ENVELOPE,
             subject: str = "") -> Deferred[str]:
     """On the reactor thread: stream `body` in chunks and commit; fires with the queue ID."""
@@ -92,8 +103,9 @@ def test_queue_ids_differ_within_one_microsecond() -> None:
 # -- storing and reading ------------------------------------------------------------------
 
 def test_commit_stores_envelope_body_and_queued_recipients(
-    reactor_thread: Any, store: SQLiteQueueStore, tmp_path: Path
+    reactor_thread: Any, any_store: SQLiteQueueStore, tmp_path: Path
 ) -> None:
+    store = any_store
     body = b"Subject: hello\r\n\r\n" + b"x" * 200_000 + b"\r\n"
     before = time.time()
     queue_id = reactor_thread.run(receive, store, body, ENVELOPE, "hello")
@@ -111,6 +123,8 @@ def test_commit_stores_envelope_body_and_queued_recipients(
     assert reactor_thread.run(store.list_messages) == [msg]
     assert reactor_thread.run(store.get_message, "NoSuchId0000") is None
 
+    if not isinstance(store, SQLiteQueueStore):
+        return
     queue_dir = tmp_path / "queue"
     for path, mode in [(queue_dir, 0o700), (queue_dir / "bodies", 0o700),
                        (queue_dir / "queue.db", 0o600), (Path(store.body_path(queue_id)), 0o600)]:
@@ -145,7 +159,9 @@ def test_refuses_a_schema_from_a_newer_version(reactor_thread: Any, tmp_path: Pa
         reactor_thread.run(SQLiteQueueStore(tmp_path).open)
 
 
-def test_abort_removes_the_body(reactor_thread: Any, store: SQLiteQueueStore) -> None:
+def test_abort_removes_the_body(reactor_thread: Any, any_store: SQLiteQueueStore) -> None:
+    store = any_store
+
     def start_and_abort() -> str:
         msg = store.incoming()
         msg.write(b"partial")
@@ -161,8 +177,9 @@ def test_abort_removes_the_body(reactor_thread: Any, store: SQLiteQueueStore) ->
 # -- group commit and the reactor ---------------------------------------------------------
 
 def test_concurrent_commits_share_transactions(
-    reactor_thread: Any, store: SQLiteQueueStore
+    reactor_thread: Any, any_store: SQLiteQueueStore
 ) -> None:
+    store = any_store
     n = 50
     ids = reactor_thread.run(lambda: gatherResults([receive(store, body_for(i)) for i in range(n)]))
     assert len(set(ids)) == n

@@ -185,7 +185,9 @@ def test_every_queue_command_in_both_forms(world: World, running: bool) -> None:
     assert shown.code == 0, shown.err
     detail = shown.json()
     check_message_json(detail)
-    assert set(detail) == MESSAGE_KEYS | {"headers", "history", "body"}
+    # "hub": the hub that accepted it (this one's name, for a queue of its own).
+    assert set(detail) == MESSAGE_KEYS | {"hub", "headers", "history", "body"}
+    assert detail["hub"] == "hub.test"
     assert {"name": "Subject", "value": ENCODED_SUBJECT} in detail["headers"]
     assert detail["headers"][0]["name"] == "Received"  # ours, first
     [attempt] = detail["history"]

@@ -8,11 +8,11 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import replace
 from email import policy as email_policy
 from email.parser import HeaderParser
 from pathlib import Path
@@ -26,9 +26,9 @@ from twisted.python.failure import Failure
 from relayhub import control
 from relayhub.admin.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, add_command
 from relayhub.config import Settings, load_settings, parse_duration
+from relayhub.queue.backends import STORE_ERRORS, open_store
 from relayhub.queue.ids import is_queue_id
-from relayhub.queue.schema import SchemaTooNewError
-from relayhub.queue.sqlite import QueueStateError, SQLiteQueueStore
+from relayhub.queue.sqlite import SQLiteQueueStore
 from relayhub.queue.store import (
     Changed,
     HistoryEntry,
@@ -109,9 +109,16 @@ async def open_queue(reactor: Any, settings: Settings, *, must_exist: bool = Fal
     queue; a change that must persist (`must_exist`) fails.
     """
     state_dir = settings.server.state_dir
-    store = SQLiteQueueStore(state_dir, reactor=reactor)
+    shared = settings.queue.backend == "postgresql"
+    where = "the shared queue" if shared else state_dir
     with contextlib.ExitStack() as cleanup:
-        if not store.db_path.exists():
+        if shared:
+            # Its body copies (`queue show`) go to a scratch directory, for the same reason.
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="relayhubctl-"))
+            settings = replace(settings, server=replace(settings.server,
+                                                        state_dir=Path(scratch)))
+        store = open_store(settings, reactor=reactor)
+        if isinstance(store, SQLiteQueueStore) and not store.db_path.exists():
             if must_exist:
                 raise QueueUnavailable(
                     f"no queue in {state_dir} yet: start relayhub once to create it")
@@ -119,12 +126,12 @@ async def open_queue(reactor: Any, settings: Settings, *, must_exist: bool = Fal
             store = SQLiteQueueStore(Path(scratch), reactor=reactor)
         try:
             await store.open()
-        except (OSError, sqlite3.Error, SchemaTooNewError, QueueStateError) as problem:
-            raise QueueUnavailable(f"cannot open the queue in {state_dir}: {problem}"
+        except STORE_ERRORS as problem:  # SchemaTooNewError is a RuntimeError
+            raise QueueUnavailable(f"cannot open the queue in {where}: {problem}"
                                    ) from None
         try:
             yield store
-        except (OSError, sqlite3.Error, QueueStateError) as problem:
+        except STORE_ERRORS as problem:
             raise QueueUnavailable(f"queue operation failed: {problem}") from None
         finally:
             await store.close()
@@ -197,10 +204,12 @@ def recipient_json(recipient: StoredRecipient) -> dict[str, Any]:
     }
 
 
-def message_json(message: StoredMessage) -> dict[str, Any]:
-    """One message as `queue list --json` prints it (SPEC §8)."""
+def message_json(message: StoredMessage, settings: Settings) -> dict[str, Any]:
+    """One message as `queue list --json` prints it (SPEC §8), and the hub that accepted
+    it (this one, for a queue of its own)."""
     return {
         "id": message.queue_id,
+        "hub": message.hub or settings.server.hostname,
         "size": message.size,
         "arrival": utc(message.arrival),
         "sender": message.envelope.sender,
@@ -245,6 +254,8 @@ def message_lines(message: StoredMessage) -> list[str]:
              f"{printable(sender)}"]
     if message.subject:
         lines.append(f"  Subject: {printable(message.subject)}")
+    if message.hub:  # a queue shared by several hubs: which one accepted it
+        lines.append(f"  Hub: {printable(message.hub)}")
     for recipient in message.recipients:
         lines += _recipient_lines(recipient)
     return lines
@@ -271,7 +282,7 @@ async def queue_list(reactor: Any, settings: Settings, args: argparse.Namespace)
     async with open_queue(reactor, settings) as store:
         messages = await store.list_messages(only)
     if args.json:
-        print_json([message_json(m) for m in messages])
+        print_json([message_json(m, settings) for m in messages])
         return EXIT_OK
     if not messages:
         print("Mail queue is empty" if only == MessageFilter() else "No matching messages")
@@ -334,14 +345,15 @@ async def queue_show(reactor: Any, settings: Settings, args: argparse.Namespace)
     async with open_queue(reactor, settings) as store:
         message = await store.get_message(args.id)
         history = await store.history(args.id) if message else []
-        path = store.body_path(args.id) if message else ""
+        path = await store.fetch_body(args.id) if message else ""
+        # Read while the store is open: a shared queue's copy lives only as long.
+        headers, _ = read_header_section(path) if message else ([], None)
+        body = _read_body(path) if message and args.body else None
     if message is None:
         say_error(f"{args.id}: no such message in the queue")
         return EXIT_FAILED
-    headers, _ = read_header_section(path)
-    body = _read_body(path) if args.body else None
     if args.json:
-        shown = message_json(message)
+        shown = message_json(message, settings)
         shown["headers"] = [{"name": name, "value": value} for name, value in headers]
         shown["history"] = [history_json(entry) for entry in history]
         if args.body:
@@ -354,7 +366,8 @@ async def queue_show(reactor: Any, settings: Settings, args: argparse.Namespace)
           f"Size:       {message.size} bytes\n"
           f"Sender:     {printable(message.envelope.sender or '<>')}\n"
           f"Subject:    {printable(message.subject)}\n"
-          f"Status:     {status}")
+          + (f"Hub:        {printable(message.hub)}\n" if message.hub else "")
+          + f"Status:     {status}")
     print("\n".join(_envelope_lines(message)))
     print("Recipients:")
     for recipient in message.recipients:
@@ -582,3 +595,7 @@ def register(commands: Commands) -> None:
 
     resume = action("resume", "end a pause; the domain's mail is due at once", queue_resume)
     resume.add_argument("--domain", metavar="D", required=True)
+
+    from relayhub.admin.migration import add_migrate  # it imports this module
+
+    add_migrate(action)

@@ -16,8 +16,10 @@ from relayhub.admin.queue_cmd import (
     duration,
     open_queue,
     print_json,
+    printable,
     stats_json,
     stats_lines,
+    utc,
 )
 from relayhub.config import Settings
 
@@ -32,11 +34,15 @@ async def status(reactor: Any, settings: Settings, args: argparse.Namespace) -> 
     async with open_queue(reactor, settings) as store:
         now = time.time()
         summary = await store.summary(now)
-    shown = {
+        hubs = await store.hubs()
+    shown: dict[str, Any] = {
         "processes": daemon.get("processes", []),
         "connections": daemon.get("connections", {"smtp": 0, "pop3": 0}),
         "queue": stats_json(summary, now),
     }
+    if settings.queue.backend == "postgresql":  # the hubs sharing the queue
+        shown["hubs"] = [{"name": hub.name, "last_seen": utc(hub.last_seen),
+                          "started": utc(hub.started)} for hub in hubs]
     if args.json:
         print_json(shown)
         return EXIT_OK
@@ -55,6 +61,11 @@ async def status(reactor: Any, settings: Settings, args: argparse.Namespace) -> 
         print(f"connections:  smtp {connections.get('smtp', 0)}, "
               f"pop3 {connections.get('pop3', 0)}")
     print("\n".join(stats_lines(summary, now)))
+    if "hubs" in shown:
+        print("hubs sharing the queue:")
+        for hub in hubs:
+            print(f"  {printable(hub.name):<30} last seen {duration(now - hub.last_seen)} ago"
+                  f" ({utc(hub.last_seen)})")
     return EXIT_OK
 
 

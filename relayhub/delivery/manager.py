@@ -46,6 +46,7 @@ from relayhub.config import DeliverySettings, NextHop
 from relayhub.delivery.interfaces import Item, LocalCourier, Notifier, Results, SMTPCourier
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.delivery.schedule import due_for_delay_warning, expired, retry_delay
+from relayhub.errors import TemporaryFailure
 from relayhub.queue.store import (
     DueWork,
     QueueStore,
@@ -67,6 +68,8 @@ MESSAGES_PER_SESSION = 50
 LEASE = 3600.0
 # Never sleep longer than this: a clock jump or a change by another process is noticed.
 MAX_SLEEP = 60.0
+# How long to wait before new sessions when the queue's database was away.
+STORE_RETRY = 5.0
 # How long a stop waits for attempts under way to finish and be recorded. The rest keep
 # their leases and are retried after the next start (SPEC §9).
 STOP_GRACE = 10.0
@@ -147,6 +150,7 @@ class QueueManager(Service):
     def startService(self) -> None:
         super().startService()
         self._recording = True
+        self.store.watch(self.wake)  # mail queued by other hubs of a shared queue
         # This is the only queue manager of its store: leases still set are from a
         # predecessor that died mid-delivery, and those recipients are due again now.
         self.store.release_leases().addCallbacks(
@@ -195,8 +199,13 @@ class QueueManager(Service):
             else defer.succeed([])
         )
         claimed.addCallback(self._dispatch)
-        claimed.addErrback(lambda failure: _LOG.failure("queue scan failed", failure))
+        claimed.addErrback(self._scan_failed)
         claimed.addBoth(self._scan_done)
+
+    def _scan_failed(self, failure: Failure) -> None:
+        # A store that cannot reach its database says so once itself; every retry need not.
+        if not failure.check(TemporaryFailure):
+            _LOG.failure("queue scan failed", failure)
 
     def _scan_done(self, _: object) -> defer.Deferred[None] | None:
         self._scanning = False
@@ -264,6 +273,10 @@ class QueueManager(Service):
             session.addBoth(self._session_done, key, work)
             self._track(session)
 
+    def _start_sessions_again(self, key: str) -> None:
+        if key in self._destinations:
+            self._start_sessions(key)
+
     async def _next_for(self, work: _SessionWork) -> Item | None:
         """The next confirmed item for `work`'s session, or None to end it."""
         destination = work.destination
@@ -301,11 +314,16 @@ class QueueManager(Service):
 
     def _session_done(self, result: object, key: str, work: _SessionWork) -> None:
         """A session is over: free its slot, and start another if work waits."""
-        if isinstance(result, Failure):
+        store_away = isinstance(result, Failure) and result.check(TemporaryFailure)
+        if isinstance(result, Failure) and not store_away:
             _LOG.failure("delivery session failed", result)
         destination = self._destinations[key]
         destination.sessions.discard(work)
-        if destination.waiting:
+        if destination.waiting and store_away:
+            # The queue's database is away: the next session waits a little, rather than
+            # connecting to the next hop again and again for nothing.
+            self.clock.callLater(STORE_RETRY, self._start_sessions_again, key)
+        elif destination.waiting:
             self._start_sessions(key)
         elif not destination.sessions:
             del self._destinations[key]
@@ -315,7 +333,8 @@ class QueueManager(Service):
 
         def forget(result: object) -> None:
             self._active.discard(work)
-            if isinstance(result, Failure):
+            # TemporaryFailure: the store's database is away, and the store has said so.
+            if isinstance(result, Failure) and not result.check(TemporaryFailure):
                 _LOG.failure("delivery failed", result)
 
         work.addBoth(forget)

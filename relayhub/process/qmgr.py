@@ -15,7 +15,7 @@ from relayhub.delivery.build import build_queue_manager
 from relayhub.directory import Directory, LastGood
 from relayhub.metrics import ProcessMetrics
 from relayhub.process import child, commands
-from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.backends import open_store
 from relayhub.sendmail.pickup import Pickup
 
 _LOG = Logger(namespace="relayhub.qmgr")
@@ -62,7 +62,7 @@ class QueueManagerProcess(MultiService):
         self.reactor = reactor
         self.metrics = metrics
         self.locator = _Locator(self)
-        self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
+        self.store = open_store(settings, close_on_shutdown=False, daemon=True)
         self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
         self.manager = build_queue_manager(

@@ -19,7 +19,7 @@ from relayhub.metrics import ProcessMetrics
 from relayhub.pop3.server import POP3Factory
 from relayhub.pop3.service import pop3_factory
 from relayhub.process import child, commands, listeners
-from relayhub.queue.sqlite import SQLiteQueueStore
+from relayhub.queue.backends import open_store
 from relayhub.smtp.service import SMTPService
 from relayhub.tls import TLSSetupError, server_tls_options
 
@@ -96,7 +96,7 @@ class WorkerProcess(MultiService):
         self.reactor = reactor
         self.metrics = metrics
         self.listeners = listeners.decode(os.environ["RELAYHUB_LISTENERS"])
-        self.store = SQLiteQueueStore(settings.server.state_dir, close_on_shutdown=False)
+        self.store = open_store(settings, close_on_shutdown=False, daemon=True)
         self.directory = Directory(settings, reactor, last_good)
         self.directory.setServiceParent(self)
         self.locator = _Locator(metrics, self.directory)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from relayhub.delivery.results import AttemptResult
 
@@ -94,6 +94,7 @@ class StoredMessage:
     subject: str  # decoded for display, "" when absent
     held: bool
     recipients: tuple[StoredRecipient, ...] = field(default_factory=tuple)
+    hub: str = ""  # the hub that accepted it, in a queue shared by several ("" otherwise)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,16 @@ class QueueSummary:
     paused: tuple[PausedDomain, ...]
 
 
+@dataclass(frozen=True)
+class HubInfo:
+    """A hub sharing the queue (PostgreSQL): when its queue manager started and was last
+    alive (epoch seconds)."""
+
+    name: str
+    started: float
+    last_seen: float
+
+
 class IncomingMessage(abc.ABC):
     """A message being received: its body is streamed to disk, then committed durably.
 
@@ -261,7 +272,13 @@ class QueueStore(abc.ABC):
 
     @abc.abstractmethod
     def body_path(self, queue_id: str) -> str:
-        """Path of the stored body file (read-only use)."""
+        """Path of the stored body file (read-only use). For a queue shared by several hubs
+        it is this hub's copy, there for messages received here or handed out by
+        `claim_due`; `fetch_body` makes one for any message."""
+
+    def fetch_body(self, queue_id: str) -> Deferred[str]:
+        """`body_path(queue_id)`, once a copy of the body is surely there."""
+        return succeed(self.body_path(queue_id))
 
     # -- for the queue manager ----------------------------------------------------------
 
@@ -272,8 +289,19 @@ class QueueStore(abc.ABC):
 
     @abc.abstractmethod
     def release_leases(self) -> Deferred[int]:
-        """End every lease: called when the (single) queue manager starts, since leases
-        left by a crashed one would otherwise delay those recipients until they expire."""
+        """End every lease of this hub: called when its (single) queue manager starts,
+        since leases left by a crashed one would otherwise delay those recipients until they
+        expire. (A queue shared by several hubs leaves the other hubs' leases alone.)"""
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when mail is queued or the queue changed somewhere this process does
+        not hear of otherwise (another hub of a shared queue). One store: nothing to do, the
+        master wakes the queue manager."""
+        return None
+
+    def hubs(self) -> Deferred[list[HubInfo]]:
+        """The hubs sharing this queue; none for a queue of one hub."""
+        return succeed([])
 
     @abc.abstractmethod
     def next_due(self, now: float) -> Deferred[float | None]:
