@@ -10,8 +10,9 @@ Clients in trusted networks are exempt from the per-IP limit, so for them only t
 connection (the master's busiest work under load). The master therefore lends each worker
 a block of slots of the total (`quota_block`); the worker admits trusted clients from its
 block without asking and returns what it does not need. The sum of slots lent plus the
-sessions counted one by one never exceeds `max_connections`; the price is that up to one
-block per worker may sit unused while another worker is refused.
+sessions counted one by one never exceeds `max_connections`; before it refuses anyone
+because of slots lent but idle, the master takes those back from the workers and asks
+again, so a limit is reached only by sessions that really are open.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class ConnectionCounter:
         granted = max(0, min(wanted, free))
         self._lent[owner] = self._lent.get(owner, 0) + granted
         return granted
+
+    def idle_lent(self) -> list[str]:
+        """Owners that may hold lent slots they are not using (as last reported)."""
+        return [owner for owner, lent in self._lent.items()
+                if lent > self._lent_in_use.get(owner, 0)]
 
     def give_back(self, owner: str, count: int, in_use: int) -> None:
         self._lent_in_use[owner] = in_use
@@ -141,6 +147,12 @@ class LentSlots:
 
         self._reported = self.in_use
         return self._ask(self.block, self.in_use).addCallback(lent)
+
+    def reclaim(self) -> int:
+        """Every slot not in use goes back (the master asked: it would refuse otherwise)."""
+        spare, self.slots = self.slots - self.in_use, self.in_use
+        self._reported = self.in_use
+        return spare
 
     def put_back(self) -> None:
         self.in_use -= 1

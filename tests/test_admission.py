@@ -72,3 +72,20 @@ def test_a_dead_worker_returns_its_slots() -> None:
     assert taken(a) and taken(a) and not taken(b)
     master.forget("worker-1")
     assert taken(b)
+
+
+def test_idle_lent_slots_are_taken_back_before_anyone_is_refused() -> None:
+    master = counter(100 * 64)  # blocks of 64
+    a = worker(master, "worker-1")
+    assert taken(a)
+    a.put_back()  # one block spare on worker-1, idle
+    others = [master.admit("worker-2", "smtp", f"192.0.2.{n % 250}.{n}", exempt=False)
+              for n in range(100 * 64 - 64)]
+    assert set(others) == {""}
+    assert master.admit("worker-2", "smtp", "198.51.100.1", False) == "too many connections"
+    assert master.idle_lent() == ["worker-1"]
+    # The master asks worker-1 for its idle slots (the Reclaim command), then decides again.
+    returned = a.reclaim()
+    master.give_back("worker-1", returned, a.in_use)
+    assert returned == 64 and a.slots == 0 and master.idle_lent() == []
+    assert master.admit("worker-2", "smtp", "198.51.100.1", False) == ""

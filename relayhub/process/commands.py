@@ -75,3 +75,10 @@ class FinalMetrics(amp.Command):
     that what it counted since the last scrape is not lost with it."""
 
     arguments: ClassVar[ArgumentList] = [(b"samples", amp.Unicode())]
+
+
+class Reclaim(amp.Command):
+    """Master → worker: give back every lent slot you are not using now (the master is about
+    to refuse a client while slots sit idle); answers how many, and how many are in use."""
+
+    response: ClassVar[ArgumentList] = [(b"returned", amp.Integer()), (b"in_use", amp.Integer())]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import pwd
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
@@ -29,6 +30,7 @@ from relayhub.process.supervisor import ChildSpec, SupervisedChild
 from relayhub.users import UsersFileError
 
 _LOG = Logger(namespace="relayhub.master")
+T = TypeVar("T")
 
 # Children get this long past shutdown_grace to exit on their own before SIGKILL.
 KILL_MARGIN = 10.0
@@ -45,15 +47,24 @@ class _ChildLocator(amp.CommandLocator):
         self.child = child
 
     @commands.Admit.responder
-    def admit(self, service: str, address: str, exempt: bool) -> dict[str, str]:
-        refusal = self.master.admission.admit(self.child.spec.name, service, address, exempt)
-        if refusal:
-            self.master.refused(address, refusal)
-        return {"refusal": refusal}
+    def admit(self, service: str, address: str, exempt: bool) -> defer.Deferred[dict[str, str]]:
+        def decide() -> str:
+            return self.master.admission.admit(self.child.spec.name, service, address, exempt)
+
+        def answer(refusal: str) -> dict[str, str]:
+            if refusal:
+                self.master.refused(address, refusal)
+            return {"refusal": refusal}
+
+        return self.master.with_reclaimed_slots(decide, lambda refusal: bool(refusal)
+                                                ).addCallback(answer)
 
     @commands.Lend.responder
-    def lend(self, wanted: int, in_use: int) -> dict[str, int]:
-        return {"granted": self.master.admission.lend(self.child.spec.name, wanted, in_use)}
+    def lend(self, wanted: int, in_use: int) -> defer.Deferred[dict[str, int]]:
+        name = self.child.spec.name
+        granted = self.master.with_reclaimed_slots(
+            lambda: self.master.admission.lend(name, wanted, in_use), lambda n: n == 0)
+        return granted.addCallback(lambda n: {"granted": n})
 
     @commands.GiveBack.responder
     def give_back(self, count: int, in_use: int) -> dict[str, int]:
@@ -230,6 +241,27 @@ class MasterService(Service):
             return problem
 
         return asked.addCallbacks(lambda _: "", failed)
+
+    def with_reclaimed_slots(self, decide: Callable[[], T], refused: Callable[[T], bool]
+                             ) -> defer.Deferred[T]:
+        """`decide()`; if that refuses while workers hold lent slots they do not use, take
+        those back (relayhub.admission) and decide again."""
+        first = decide()
+        holders = [child for child in self.workers if child.channel is not None
+                   and child.spec.name in self.admission.idle_lent()]
+        if not refused(first) or not holders:
+            return defer.succeed(first)
+
+        def reclaim(child: SupervisedChild) -> defer.Deferred[Any]:
+            assert child.channel is not None
+            asked: defer.Deferred[Any] = child.channel.callRemote(commands.Reclaim)
+            asked.addTimeout(REFRESH_TIMEOUT, self.reactor)
+            asked.addCallback(lambda reply: self.admission.give_back(
+                child.spec.name, reply["returned"], reply["in_use"]))
+            return asked.addErrback(lambda _: None)  # gone or slow: its slots stay lent
+
+        return defer.gatherResults([reclaim(child) for child in holders]).addCallback(
+            lambda _: decide())
 
     def refused(self, address: str, reason: str) -> None:
         """A session was refused by a connection limit: logged once per client, then

@@ -82,6 +82,13 @@ class _Locator(child.ChildLocator):
     def __init__(self, metrics: ProcessMetrics, directory: Directory) -> None:
         super().__init__(metrics)
         self.directory = directory
+        self.lent: LentSlots | None = None  # set once the worker has its admission
+
+    @commands.Reclaim.responder
+    def reclaim(self) -> dict[str, int]:
+        if self.lent is None:
+            return {"returned": 0, "in_use": 0}
+        return {"returned": self.lent.reclaim(), "in_use": self.lent.in_use}
 
     @commands.Refresh.responder
     def refresh(self) -> defer.Deferred[dict[str, Any]]:
@@ -109,6 +116,7 @@ class WorkerProcess(MultiService):
     def startService(self) -> None:
         channel = child.connect_master(self.reactor, self.locator)
         admission = MasterAdmission(channel, self.settings.smtp.max_connections)
+        self.locator.lent = admission.lent
         # Read the certificate and key here, as each worker starts: a reload (SIGHUP) starts
         # a new generation of workers, which so serve renewed certificates.
         try:

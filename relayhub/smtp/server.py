@@ -288,8 +288,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             else defer.succeed(self.client_name))
 
         def named(name: str) -> None:
+            # Logged by _admission, with this name, once the session is admitted.
             self.client_name = name
-            _LOG.info(maillog.CONNECT, client=self._client_label)
 
         return looked_up.addCallback(named)
 
@@ -653,29 +653,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return (503, "5.5.1", "Error: DATA after BDAT")
         if not txn.recipients:
             return (554, "5.5.1", "Error: no valid recipients")
-        try:
-            incoming = self.store.incoming()
-        except TemporaryFailure as failure:
-            _LOG.error(maillog.STORE_FAILED, queue_id="NOQUEUE", client=self._client_label,
-                       error=str(failure))
-            raise
-        self._incoming = incoming
-        domains = self.config.masquerade
-        self._header_stage = HeaderStage(
-            incoming.write,
-            (lambda header: masquerade_headers(header, domains)) if txn.masquerade else None)
-        self._reader = DataReader(
-            self._store_body, max_size=self.config.smtp.max_message_size,
-            max_line_length=self.config.smtp.max_line_length,
-            normalize_bare_newlines=self.config.smtp.bare_newline == "normalize",
-        )
-        incoming.write(with_comments(received_header(
-            helo=self._helo, client_name=self.client_name, client_address=self.client_address,
-            hostname=self.config.hostname, protocol=self._protocol_keyword,
-            # The addresses given, not the expansion: a list's members stay private.
-            queue_id=incoming.queue_id, recipients=txn.accepted,
-            now=self.factory.clock.seconds(),
-        ), trace_comments(self._tls, self._auth[0] if self._auth else None)))
+        self._open_message(txn, DataReader)
         self._mode = _Mode.DATA
         self._send(["354 End data with <CR><LF>.<CR><LF>"])
         # Bytes the client already sent after DATA are the start of the body.
@@ -850,28 +828,39 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """The first BDAT of a transaction: open the message as DATA does."""
         self._abort_incoming()
         try:
+            self._open_message(txn, ChunkedBody)
+        except TemporaryFailure as failure:
+            return (failure.code, failure.status, failure.text)
+        txn.chunked = True
+        return None
+
+    def _open_message(self, txn: _Transaction,
+                      reader: type[DataReader] | type[ChunkedBody]) -> None:
+        """Give the transaction a queue file and what every body passes through, DATA or
+        BDAT alike: the body reader, the header stage (masquerading) and our Received:
+        field. Raises TemporaryFailure (logged) when the queue cannot take a message."""
+        try:
             incoming = self.store.incoming()
         except TemporaryFailure as failure:
             _LOG.error(maillog.STORE_FAILED, queue_id="NOQUEUE", client=self._client_label,
                        error=str(failure))
-            return (failure.code, failure.status, failure.text)
-        txn.chunked = True
+            raise
         self._incoming = incoming
         domains = self.config.masquerade
         self._header_stage = HeaderStage(
             incoming.write,
             (lambda header: masquerade_headers(header, domains)) if txn.masquerade else None)
-        self._reader = ChunkedBody(
+        self._reader = reader(
             self._store_body, max_size=self.config.smtp.max_message_size,
             max_line_length=self.config.smtp.max_line_length,
             normalize_bare_newlines=self.config.smtp.bare_newline == "normalize")
         incoming.write(with_comments(received_header(
             helo=self._helo, client_name=self.client_name, client_address=self.client_address,
             hostname=self.config.hostname, protocol=self._protocol_keyword,
+            # The addresses given, not the expansion: a list's members stay private.
             queue_id=incoming.queue_id, recipients=txn.accepted,
             now=self.factory.clock.seconds(),
         ), trace_comments(self._tls, self._auth[0] if self._auth else None)))
-        return None
 
     def _discard_chunk(self, data: bytes) -> None:
         pass
