@@ -47,14 +47,38 @@ def confirmed_name(address: str, ptr_names: Sequence[str],
     return None
 
 
+def hosts_table(text: str) -> dict[str, list[str]]:
+    """/etc/hosts as {address: [names]} (addresses normalised, names lower-cased). Pure."""
+    table: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        address = normalize_address(fields[0]) if fields else None
+        if address is not None and len(fields) > 1:
+            table.setdefault(address, []).extend(name.lower() for name in fields[1:])
+    return table
+
+
+def confirmed_in_hosts(address: str, table: Mapping[str, Sequence[str]]) -> str | None:
+    """The first of the address's names in the hosts table that the table maps back to it,
+    as the C library's files-then-DNS order finds it (Postfix names 127.0.0.1 "localhost"
+    so). Pure."""
+    wanted = normalize_address(address)
+    names = table.get(wanted, []) if wanted is not None else []
+    forward = {name: [a for a, listed in table.items() if name in listed] for name in names}
+    return confirmed_name(address, names, forward) if names else None
+
+
 class ClientNamer:
-    """Asynchronous FCrDNS with twisted.names on `nameservers` (empty: /etc/resolv.conf,
-    never /etc/hosts: a name must come from DNS, as Postfix's do)."""
+    """Asynchronous FCrDNS: /etc/hosts first, as the C library's resolver (and so Postfix)
+    does, then twisted.names on `nameservers` (empty: /etc/resolv.conf)."""
 
     def __init__(self, reactor: Any, nameservers: Sequence[tuple[str, int]] = (),
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, hosts: Mapping[str, Sequence[str]] | None = None
+                 ) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        # Read once, as each worker starts (a reload starts new workers, which read it anew).
+        self._hosts = hosts if hosts is not None else hosts_table(_read_hosts())
         # One try per query within the overall limit; the limit is enforced below anyway.
         per_try = (max(timeout, 0.1),)
         if nameservers:
@@ -69,6 +93,9 @@ class ClientNamer:
         ip = normalize_address(address)
         if ip is None:
             return defer.succeed(UNKNOWN)
+        local = confirmed_in_hosts(ip, self._hosts)
+        if local is not None:
+            return defer.succeed(local)
         lookup = defer.Deferred.fromCoroutine(self._confirm(ip))
         result: defer.Deferred[str] = defer.Deferred()
         timer = self.reactor.callLater(self.timeout, self._give_up, lookup, result)
@@ -110,3 +137,11 @@ class ClientNamer:
             if found is not None:
                 return found
         return UNKNOWN
+
+
+def _read_hosts(path: str = "/etc/hosts") -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""

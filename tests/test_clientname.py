@@ -12,7 +12,13 @@ from conftest import ReactorThread
 from dnsserver import DNSServer, reverse_name
 from hubprocess import Hub, Queue, SMTPConnection
 
-from relayhub.clientname import UNKNOWN, ClientNamer, confirmed_name
+from relayhub.clientname import (
+    UNKNOWN,
+    ClientNamer,
+    confirmed_in_hosts,
+    confirmed_name,
+    hosts_table,
+)
 
 GOOD, LIAR, SLOW, NOPTR = "127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"
 ZONE = {
@@ -45,12 +51,32 @@ def dns(reactor_thread: ReactorThread) -> Iterator[DNSServer]:
     (GOOD, "good.client.example"), (LIAR, UNKNOWN), (NOPTR, UNKNOWN), ("::1", "six.example"),
     ("not an address", UNKNOWN)])
 def test_lookup(reactor_thread: ReactorThread, dns: DNSServer, address: str, name: str) -> None:
-    namer = reactor_thread.run(lambda: ClientNamer(reactor_thread.reactor, dns.nameservers, 2))
+    # No hosts table: these names come from the test DNS server, whatever /etc/hosts holds.
+    namer = reactor_thread.run(lambda: ClientNamer(reactor_thread.reactor, dns.nameservers, 2,
+                                                   hosts={}))
     assert reactor_thread.run(namer.name, address) == name
 
 
+def test_the_hosts_file_names_a_client_first_without_dns(reactor_thread: ReactorThread) -> None:
+    table = hosts_table("127.0.0.1 localhost vm\n# comment\n::1 ip6-localhost  # x\n"
+                        "192.0.2.7 mail.example.org\n192.0.2.8 mail.example.org\n"
+                        "192.0.2.9 liar.example\nnot-an-address foo\n")
+    assert table["127.0.0.1"] == ["localhost", "vm"] and "not-an-address" not in table
+    assert confirmed_in_hosts("127.0.0.1", table) == "localhost"
+    assert confirmed_in_hosts("::1", table) == "ip6-localhost"
+    assert confirmed_in_hosts("192.0.2.8", table) == "mail.example.org"
+    assert confirmed_in_hosts("198.51.100.1", table) is None
+    # No name server at all: a client in the hosts file is named at once all the same.
+    namer = reactor_thread.run(lambda: ClientNamer(
+        reactor_thread.reactor, [("127.0.0.1", 9)], 5, hosts=table))
+    started = time.monotonic()
+    assert reactor_thread.run(namer.name, "127.0.0.1") == "localhost"
+    assert time.monotonic() - started < 1
+
+
 def test_lookup_ends_at_its_timeout(reactor_thread: ReactorThread, dns: DNSServer) -> None:
-    namer = reactor_thread.run(lambda: ClientNamer(reactor_thread.reactor, dns.nameservers, 1))
+    namer = reactor_thread.run(lambda: ClientNamer(reactor_thread.reactor, dns.nameservers, 1,
+                                                   hosts={}))
     started = time.monotonic()
     assert reactor_thread.run(namer.name, SLOW) == UNKNOWN
     assert 0.9 < time.monotonic() - started < 3
