@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import resource
 import sys
@@ -63,6 +64,7 @@ class Result:
 async def burst(host: str, port: int, count: int, timeout: float,
                 pids: Callable[[], list[int]]) -> Result:
     writers: list[asyncio.StreamWriter] = []
+    failures: collections.Counter[str] = collections.Counter()
     done_times: list[float] = []
     start = time.perf_counter()
 
@@ -71,11 +73,13 @@ async def burst(host: str, port: int, count: int, timeout: float,
         writers.append(writer)
         banner = await reader.readline()
         if not banner.startswith(b"220"):
+            failures[banner[:40].decode(errors="replace").strip() or "closed"] += 1
             return False
         writer.write(b"EHLO burst.example\r\n")
         while True:
             line = await reader.readline()
             if not line.startswith(b"250"):
+                failures["EHLO: " + (line[:40].decode(errors="replace").strip() or "closed")] += 1
                 return False
             if line[3:4] == b" ":
                 done_times.append(time.perf_counter())
@@ -84,7 +88,8 @@ async def burst(host: str, port: int, count: int, timeout: float,
     async def guarded(index: int) -> bool:
         try:
             return await asyncio.wait_for(one(index), timeout)
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError) as error:
+            failures[type(error).__name__] += 1
             return False
 
     results = await asyncio.gather(*(guarded(i) for i in range(count)))
@@ -94,6 +99,8 @@ async def burst(host: str, port: int, count: int, timeout: float,
     pss = pss_kib(pids()) / 1024
     for writer in writers:
         writer.close()
+    if failures:
+        print(f"  failures: {dict(failures)}")
     return Result(answered, count - answered, seconds, pss)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
 
@@ -124,6 +124,8 @@ class LentSlots:
         self._ask, self._give_back = ask, give_back
         self.slots = 0  # lent to us
         self.in_use = 0
+        self._asking: defer.Deferred[Any] | None = None  # a Lend in flight
+        self._waiting: list[defer.Deferred[bool]] = []  # takes waiting for it
         self._reported = 0  # in_use as the master last heard it
 
     def report(self) -> None:
@@ -137,16 +139,37 @@ class LentSlots:
         if self.in_use < self.slots:
             self.in_use += 1
             return defer.succeed(True)
+        if self._asking is not None:
+            # One request at a time: a burst of clients waits for the block being asked
+            # for rather than each asking for a block of its own.
+            waiting: defer.Deferred[bool] = defer.Deferred()
+            self._waiting.append(waiting)
+            return waiting
 
         def lent(granted: int) -> bool:
+            self._asking = None
             self.slots += granted
-            if self.in_use < self.slots:
-                self.in_use += 1
-                return True
-            return False
+            waiters, self._waiting = self._waiting, []
+            took = self._take_lent()
+            for waiter in waiters:
+                if self.in_use < self.slots or not granted:
+                    # (None lent: the master decides each of them, as it does `took`.)
+                    waiter.callback(self._take_lent())
+                else:
+                    # Still short: ask again for those who are left.
+                    self.take().chainDeferred(waiter)
+            return took
 
         self._reported = self.in_use
-        return self._ask(self.block, self.in_use).addCallback(lent)
+        # Set before the callback is added: an answer already there runs it at once.
+        self._asking = asking = self._ask(self.block, self.in_use)
+        return asking.addCallback(lent)
+
+    def _take_lent(self) -> bool:
+        if self.in_use < self.slots:
+            self.in_use += 1
+            return True
+        return False
 
     def reclaim(self) -> int:
         """Every slot not in use goes back (the master asked: it would refuse otherwise)."""

@@ -89,3 +89,23 @@ def test_idle_lent_slots_are_taken_back_before_anyone_is_refused() -> None:
     master.give_back("worker-1", returned, a.in_use)
     assert returned == 64 and a.slots == 0 and master.idle_lent() == []
     assert master.admit("worker-2", "smtp", "198.51.100.1", False) == ""
+
+
+def test_a_burst_of_trusted_clients_asks_for_one_block_at_a_time() -> None:
+    master = counter(100 * 64)
+    asked: list[defer.Deferred[int]] = []
+
+    def ask(wanted: int, in_use: int) -> defer.Deferred[int]:
+        answer: defer.Deferred[int] = defer.Deferred()
+        asked.append(answer)
+        return answer.addCallback(lambda _: master.lend("worker-1", wanted, in_use))
+
+    slots = LentSlots(64, ask, lambda n, in_use: master.give_back("worker-1", n, in_use))
+    results: list[bool] = []
+    for _ in range(100):
+        slots.take().addCallback(results.append)
+    assert len(asked) == 1  # a hundred clients, one request in flight
+    asked[0].callback(None)
+    assert len(asked) == 2 and len(results) == 64  # the rest ask for the next block
+    asked[1].callback(None)
+    assert results == [True] * 100 and slots.in_use == 100 and slots.slots == 128
