@@ -45,6 +45,8 @@ T = TypeVar("T")
 # A lock that outlasts busy_timeout this many times over is a real problem worth reporting.
 LOCK_RETRIES = 5
 BODY_SYNC_THREADS = 4
+# Bodies from this size on are flushed on the sync pool, in parallel, as soon as DATA ends.
+PARALLEL_SYNC_MIN = 64 * 1024
 ID_ATTEMPTS = 10
 
 MESSAGE_COLUMNS = (
@@ -322,7 +324,9 @@ class SQLiteQueueStore(QueueStore):
 
     def _sync_then_enqueue(self, job: _Job) -> Deferred[None]:
         """fsync and close the body on the sync pool, then join the next database batch."""
-        if not self._ready:
+        if not self._ready or (job.size < PARALLEL_SYNC_MIN and job.prefix is None):
+            # A small body is flushed by the batch itself: a second thread hop would cost
+            # it more latency than the parallel flush saves.
             return self._enqueue(job)
         self._syncing += 1
         synced: Deferred[Any] = deferToThreadPool(self._reactor, self._sync_pool, _prepared, job)
