@@ -36,7 +36,7 @@ from relayhub.delivery.results import Outcome
 from relayhub.errors import TemporaryFailure
 from relayhub.queue import pgschema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
-from relayhub.queue.sqlite import QueueStateError
+from relayhub.queue.incoming import QueueStateError, SpooledIncoming
 from relayhub.queue.store import (
     Changed,
     DueWork,
@@ -214,36 +214,17 @@ class _Batcher(Generic[T, R]):
                 waiter.callback(None)
 
 
-class _PGIncoming(IncomingMessage):
+class _PGIncoming(SpooledIncoming):
     """The body goes to this hub's cache file while DATA arrives; at commit it is read
     back into the database row (and the file stays, as the cache for delivery here)."""
 
     def __init__(self, store: PostgreSQLQueueStore, queue_id: str, path: Path,
                  file: BinaryIO, arrival: float) -> None:
-        self.queue_id = queue_id
+        super().__init__(queue_id, path, file, arrival, store._live_ids.discard)
         self._store = store
-        self._path = path
-        self._file = file
-        self._arrival = arrival
-        self._size = 0
-        self._error: OSError | None = None
-        self._finished = False
-
-    def write(self, data: bytes) -> None:
-        if self._finished:
-            raise QueueStateError(f"{self.queue_id}: write after commit or abort")
-        if self._error is not None:
-            return
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            self._error = exc
-        self._size += len(data)
 
     def commit(self, envelope: Envelope, subject: str = "") -> Deferred[None]:
-        if self._finished:
-            raise QueueStateError(f"{self.queue_id}: commit after commit or abort")
-        self._finished = True
+        self._finish("commit")
         if self._error is not None or not self._store._ready:
             self._discard()
             self._store.stats.failures += 1
@@ -252,16 +233,6 @@ class _PGIncoming(IncomingMessage):
                    subject)
         return self._store._commits.add(job).addCallbacks(
             self._store._committed, self._store._not_committed, errbackArgs=(job,))
-
-    def abort(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._discard()
-
-    def _discard(self) -> None:
-        spool.close_quietly(self._file)
-        spool.remove(self._path)
-        self._store._live_ids.discard(self.queue_id)
 
 
 class PostgreSQLQueueStore(QueueStore):

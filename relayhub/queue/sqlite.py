@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from relayhub.errors import TemporaryFailure
 from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
+from relayhub.queue.incoming import QueueStateError, SpooledIncoming
 from relayhub.queue.space import storage_failure
 from relayhub.queue.store import (
     Changed,
@@ -70,10 +71,6 @@ PER_MESSAGE_ERRORS = (
 )
 
 
-class QueueStateError(RuntimeError):
-    """The store or message is used in the wrong state (not open, already committed)."""
-
-
 class BodyReplacedError(OSError):
     """The body file was removed or replaced before its row was committed."""
 
@@ -110,37 +107,16 @@ class _Pending:
     done: Deferred[None]
 
 
-class _SQLiteIncoming(IncomingMessage):
+class _SQLiteIncoming(SpooledIncoming):
     def __init__(
         self, store: SQLiteQueueStore, queue_id: str, path: Path, file: BinaryIO, arrival: float
     ) -> None:
-        self.queue_id = queue_id
+        super().__init__(queue_id, path, file, arrival, store._live_ids.discard)
         self._store = store
-        self._path = path
-        self._file = file
-        self._arrival = arrival
-        self._size = 0
-        # A write error is kept for commit() so that the SMTP session can read DATA to
-        # its end and only then answer 451.
-        self._error: OSError | None = None
-        self._finished = False
         self._prefix: Callable[[BinaryIO], bytes] | None = None  # see prepend
 
-    def write(self, data: bytes) -> None:
-        if self._finished:
-            raise QueueStateError(f"{self.queue_id}: write after commit or abort")
-        if self._error is not None:
-            return
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            self._error = exc
-        self._size += len(data)
-
     def commit(self, envelope: Envelope, subject: str = "") -> Deferred[None]:
-        if self._finished:
-            raise QueueStateError(f"{self.queue_id}: commit after commit or abort")
-        self._finished = True
+        self._finish("commit")
         if self._error is not None:
             self._store.log.error(
                 "{queue_id}: cannot write body: {error}", queue_id=self.queue_id, error=self._error
@@ -156,17 +132,6 @@ class _SQLiteIncoming(IncomingMessage):
         if self._finished:
             raise QueueStateError(f"{self.queue_id}: prepend after commit or abort")
         self._prefix = make_prefix
-
-    def abort(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._discard()
-
-    def _discard(self) -> None:
-        spool.close_quietly(self._file)
-        spool.remove(self._path)
-        self._store._live_ids.discard(self.queue_id)
 
 
 class SQLiteQueueStore(QueueStore):
