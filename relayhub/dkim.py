@@ -7,13 +7,12 @@ signature with dkimpy's verifier), but hashed here: dkimpy's own path takes the 
 message in memory and costs ~0.2 ms of regular expressions for a 4 KB message, and its RSA
 is pure Python (6.6 ms per 2048-bit signature with the GIL held). The private-key operation
 is OpenSSL's through `cryptography` for RSA (0.3 ms for 2048 bits) and libsodium's through
-PyNaCl for Ed25519 (0.02 ms). The body is hashed in one streaming pass over the spooled
-file, so a 30 MB message is never held in memory.
+PyNaCl for Ed25519 (0.02 ms). The body is hashed as it streams to the queue, so a 30 MB
+message is never held in memory and never read back.
 
-Signing happens once, at acceptance, before the 250 and off the reactor, in the queue
-store's commit thread: the field is put in front of the stored body
-(`IncomingMessage.prepend`), so every delivery and every retry carries the same signature,
-as it carries our Received: field.
+Signing happens once, at acceptance, before the 250 (`MessageSigning`): the field is put
+in front of the stored body (`IncomingMessage.prepend`) as part of its commit, so every
+delivery and every retry carries the same signature, as it carries our Received: field.
 """
 
 from __future__ import annotations
@@ -24,15 +23,17 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import dkim
 import nacl.signing
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from relayhub import maillog
@@ -59,7 +60,6 @@ OVERSIGNED = frozenset({"from"})
 # Fields that change in transit or must not be signed (RFC 6376 §5.4; dkimpy refuses them).
 NEVER_SIGNED = frozenset(name.decode() for name in dkim.DKIM.SHOULD_NOT)
 HEADER_LIMIT = 256 * 1024  # as relayhub.smtp.headers.HEADER_PREFIX_LIMIT: bigger is not signed
-CHUNK = 256 * 1024
 FIELD_NAME = b"DKIM-Signature"
 # Relaxed body canonicalization as dkimpy's (strip_trailing_whitespace, then
 # compress_whitespace), but a single space is left alone instead of being replaced by
@@ -212,6 +212,13 @@ class SigningKey:
     @property
     def algorithm(self) -> str:
         return algorithm(self.key)
+
+    @property
+    def signs_in_thread(self) -> bool:
+        """RSA: OpenSSL's 0.3 ms private-key operation releases the GIL, so in a thread it
+        runs beside the reactor (which otherwise spends a third of a message's time on it);
+        Ed25519's 0.02 ms costs less than the thread hop."""
+        return isinstance(self.key, rsa.RSAPrivateKey)
 
     def sign(self, digest: bytes) -> bytes:
         """RSASSA-PKCS1-v1_5 over the SHA-256 `digest`, or Ed25519 over the digest itself
@@ -405,94 +412,163 @@ def signature_field(key: SigningKey, domain: str, headers: Sequence[tuple[bytes,
     return FIELD_NAME + b": " + value
 
 
-def split_header(prefix: bytes) -> tuple[bytes, int] | None:
-    """The header section of a message starting with `prefix` (ending with the CRLF of its
-    last field) and where the body starts; None if the section does not end in `prefix`."""
-    end = prefix.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    return prefix[: end + 2], end + 4
+class MessageSigning:
+    """Signs one message while it is received, from the bytes on their way to the queue
+    (after masquerading, without our Received: field): the header section is kept, the body
+    hashed as it streams by, and `finish` makes the field at the end of DATA. Nothing is
+    read back from disk or rewritten there.
 
+    It runs on the reactor: the hashing costs about what copying the bytes does, and the
+    private-key operation (0.02 ms for Ed25519, 0.3 ms for RSA-2048 per message) less than
+    a thread hop would. It never raises: a failure leaves the message unsigned (queued,
+    not refused: a 451 for a bug in signing would hold every sender's mail back until it is
+    fixed, while some receivers may only junk an unsigned message), and `report` logs it."""
 
-def sign_file(signer: Signer, file: BinaryIO, now: float) -> Signature:
-    """Read the message in `file` (from its start) and sign it with the key its From:
-    domain chooses. Blocking: run it off the reactor."""
-    prefix = file.read(CHUNK)
-    while len(prefix) < HEADER_LIMIT and b"\r\n\r\n" not in prefix:
-        more = file.read(CHUNK)
-        if not more:
-            prefix += b"\r\n"  # all header fields, no body: the section ends at the end
-            break
-        prefix += more
-    split = split_header(prefix)
-    if split is None:
-        return Signature(None, f"no end of the header section in {HEADER_LIMIT} bytes")
-    header, body_start = split
-    headers = parse_header(header)
-    if headers is None:
-        return Signature(None, "malformed header section")
-    domain = from_domain(headers)
-    if domain is None:
-        return Signature(None, "no single From: address")
-    chosen = signer.choose(domain)
-    if chosen is None:
-        return Signature(None, f"no key for From: domain {domain}")
-    key, signing_domain = chosen
-    body = RelaxedBodyHash()
-    body.update(prefix[body_start:])
-    while chunk := file.read(CHUNK):
-        body.update(chunk)
-    field_bytes = signature_field(key, signing_domain, headers, body.digest(), now)
-    return Signature(field_bytes, "signed", key.selector, signing_domain)
-
-
-class Signing:
-    """Signing one message. `make_prefix` runs in the queue store's commit thread, just
-    before the body is fsync'd: that thread hop exists for every message anyway, and a
-    second one of our own cost ~0.1 ms of CPU per message, as much as an Ed25519
-    signature. It never raises: a failure leaves the message unsigned, for `report` to
-    log on the reactor once the message is queued. Queued unsigned rather than refused with
-    a 451: some receivers may junk an unsigned message, but a 451 for a bug in signing
-    would hold every sender's mail back until it is fixed."""
-
-    def __init__(self, signer: Signer, queue_id: str, now: float) -> None:
-        self.signer, self.queue_id, self.now = signer, queue_id, now
-        self.signature: Signature | None = None
+    def __init__(self, signer: Signer, write: Callable[[bytes], None]) -> None:
+        self._signer = signer
+        self._write = write
+        self._head = bytearray()  # the start of the message, until its header section ends
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chosen: tuple[SigningKey, str] | None = None
+        self._body: RelaxedBodyHash | None = None  # while a signature is being made
+        self.outcome: Signature | None = None  # once decided
         self.failure: Failure | None = None
 
-    def make_prefix(self, file: BinaryIO) -> bytes:
+    def write(self, data: bytes) -> None:
+        """Pass `data` on to the queue, and take it in."""
+        self._write(data)
+        if self._body is not None:
+            self._body.update(data)
+        elif self.outcome is None:
+            self._collect(data)
+
+    def _collect(self, data: bytes) -> None:
+        start = max(0, len(self._head) - 3)  # a blank line may begin in what was held
+        self._head += data
+        end = self._head.find(b"\r\n\r\n", start)
+        if self._head.startswith(b"\r\n"):
+            self._decide(Signature(None, "no header fields"))
+        elif end >= 0 and end + 2 <= HEADER_LIMIT:
+            head = bytes(self._head)
+            self._begin(head[:end + 2], head[end + 4:])
+        elif end >= 0 or len(self._head) > HEADER_LIMIT:
+            self._decide(Signature(None, f"no end of the header section in {HEADER_LIMIT} "
+                                         "bytes"))
+
+    def _decide(self, outcome: Signature) -> None:
+        self.outcome, self._head, self._body = outcome, bytearray(), None
+
+    def _begin(self, header: bytes, body: bytes) -> None:
+        """The header section is complete: choose the key, start hashing the body."""
+        self._head = bytearray()
         try:
-            self.signature = sign_file(self.signer, file, self.now)
+            headers = parse_header(header)
+            domain = None if headers is None else from_domain(headers)
+            chosen = None if domain is None else self._signer.choose(domain)
+            if headers is None:
+                self._decide(Signature(None, "malformed header section"))
+            elif domain is None:
+                self._decide(Signature(None, "no single From: address"))
+            elif chosen is None:
+                self._decide(Signature(None, f"no key for From: domain {domain}"))
+            else:
+                self._headers, self._chosen = headers, chosen
+                self._body = RelaxedBodyHash()
+                self._body.update(body)
         except Exception:
             self.failure = Failure()
-            return b""
-        return self.signature.field or b""
+            self._decide(Signature(None, "failed"))
 
-    def report(self, result: T) -> T:
-        """A callback on the commit: log what signing did, pass the result on."""
+    def finish(self, now: float) -> Deferred[bytes]:
+        """The data has ended: the DKIM-Signature field to put in front of the message, or
+        b"" (`outcome` says why); never fails."""
+        make = self._field_maker(now)
+        if make is None:
+            return succeed(b"")
+        key, _domain = self._chosen or (None, "")
+        made = deferToThread(make) if key is not None and key.signs_in_thread else maybeDeferred(
+            make)
+        return made.addCallbacks(self._signed, self._failed)
+
+    def finish_here(self, now: float) -> bytes:
+        """`finish`, with the private-key operation on this thread (blocking)."""
+        make = self._field_maker(now)
+        if make is None:
+            return b""
+        try:
+            return self._signed(make())
+        except Exception:
+            return self._failed(Failure())
+
+    def _field_maker(self, now: float) -> Callable[[], bytes] | None:
+        """What makes the field (None: nothing to sign), fed with everything received."""
+        if self.outcome is None and self._body is None:
+            # All header fields, no body: the section ends where the message does.
+            head = bytes(self._head)
+            self._begin(head if head.endswith(b"\r\n") else head + b"\r\n", b"")
+        if self.outcome is not None or self._body is None or self._chosen is None:
+            return None
+        key, domain = self._chosen
+        return partial(signature_field, key, domain, self._headers, self._body.digest(), now)
+
+    def _signed(self, field_bytes: bytes) -> bytes:
+        assert self._chosen is not None
+        key, domain = self._chosen
+        self._decide(Signature(field_bytes, "signed", key.selector, domain))
+        return field_bytes
+
+    def _failed(self, failure: Failure) -> bytes:
+        self.failure = failure
+        self._decide(Signature(None, "failed"))
+        return b""
+
+    def report(self, queue_id: str) -> None:
+        """Log what signing did (once the message is queued)."""
+        outcome = self.outcome
         if self.failure is not None:
-            maillog.SMTPD.failure(maillog.DKIM_FAILED, self.failure, queue_id=self.queue_id)
-        elif self.signature is not None and self.signature.field is not None:
-            maillog.SMTPD.info(maillog.DKIM_SIGNED, queue_id=self.queue_id,
-                               selector=self.signature.selector, domain=self.signature.domain)
-        elif self.signature is not None:
-            maillog.SMTPD.debug(maillog.DKIM_SKIPPED, queue_id=self.queue_id,
-                                reason=self.signature.reason)
+            maillog.SMTPD.failure(maillog.DKIM_FAILED, self.failure, queue_id=queue_id)
+        elif outcome is not None and outcome.field is not None:
+            maillog.SMTPD.info(maillog.DKIM_SIGNED, queue_id=queue_id,
+                               selector=outcome.selector, domain=outcome.domain)
+        elif outcome is not None:
+            maillog.SMTPD.debug(maillog.DKIM_SKIPPED, queue_id=queue_id, reason=outcome.reason)
+
+
+def sign_message(signer: Signer, message: bytes, now: float) -> Signature:
+    """The signature of a whole message held in memory (what MessageSigning makes of it)."""
+    signing = MessageSigning(signer, lambda data: None)
+    signing.write(message)
+    signing.finish_here(now)
+    assert signing.outcome is not None
+    return signing.outcome
+
+
+def start_signing(signer: Signer | None, client: ClientContext | None,
+                  write: Callable[[bytes], None]) -> MessageSigning | None:
+    """For the start of DATA: a MessageSigning in front of `write` when `signer` has keys and
+    the client is trusted or authenticated (mail relayed in from outside never is)."""
+    if signer is None or client is None or not (client.trusted or client.authenticated):
+        return None
+    return MessageSigning(signer, write)
+
+
+def signed_commit(signing: MessageSigning | None, incoming: IncomingMessage, now: float,
+                  commit: Callable[[], Deferred[None]]) -> Deferred[None]:
+    """For the end of DATA: put the signature in front of `incoming`, then `commit` it (the
+    report of what signing did follows once the message is queued)."""
+    if signing is None:
+        return commit()
+
+    def then_commit(field_bytes: bytes) -> Deferred[None]:
+        if field_bytes:
+            try:
+                incoming.prepend(field_bytes)
+            except NotImplementedError:  # a queue that cannot (relayhub-sendmail -bs)
+                signing.failure = Failure()
+        return commit().addCallback(report)
+
+    def report(result: T) -> T:
+        signing.report(incoming.queue_id)
         return result
 
-
-def signing_commit(signer: Signer | None, client: ClientContext | None,
-                   incoming: IncomingMessage, now: float
-                   ) -> Callable[[Deferred[None]], Deferred[None]]:
-    """For the end of DATA: arrange for `incoming` to be signed at its commit when `signer`
-    has keys and the client is trusted or authenticated (mail relayed in from outside
-    never is); returns what to apply to the commit's Deferred."""
-    if signer is None or client is None or not (client.trusted or client.authenticated):
-        return lambda committed: committed
-    signing = Signing(signer, incoming.queue_id, now)
-    try:
-        incoming.prepend(signing.make_prefix)
-    except NotImplementedError:  # a queue backend that cannot: queued unsigned
-        maillog.SMTPD.failure(maillog.DKIM_FAILED, Failure(), queue_id=incoming.queue_id)
-        return lambda committed: committed
-    return lambda committed: committed.addCallback(signing.report)
+    return signing.finish(now).addCallback(then_commit)

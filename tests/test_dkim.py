@@ -5,7 +5,6 @@ configuration errors, and signing a message in the SQLite store before its commi
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ def dns_for(selector: str, domain: str, key: rdkim.PrivateKey):  # type: ignore[
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
 def test_signature_verifies_with_dkimpy(keys: dict[str, Path], kind: str) -> None:
     signer = signer_for(keys[kind])
-    signature = rdkim.sign_file(signer, io.BytesIO(MESSAGE), now=1_790_000_000)
+    signature = rdkim.sign_message(signer, MESSAGE, now=1_790_000_000)
     assert signature.field is not None, signature.reason
     assert (signature.selector, signature.domain) == ("s1", "example.org")
     signed = signature.field + MESSAGE
@@ -116,8 +115,47 @@ def test_from_domain(header: bytes, expected: str | None) -> None:
 
 
 def test_not_signed_without_a_key_for_the_domain(keys: dict[str, Path]) -> None:
-    signature = rdkim.sign_file(signer_for(keys["rsa"], ("other.test",)), io.BytesIO(MESSAGE), 0)
+    signature = rdkim.sign_message(signer_for(keys["rsa"], ("other.test",)), MESSAGE, 0)
     assert signature.field is None and "mail.example.org" in signature.reason
+
+
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12))
+def test_signing_while_receiving_is_chunking_blind(keys: dict[str, Path], cuts: list[int]) -> None:
+    """Fed in pieces of any size (a header section split anywhere, even inside its blank
+    line), the streaming signer passes every byte on and makes the same field (Ed25519
+    signatures are deterministic) as for the whole message at once."""
+    signer = signer_for(keys["ed25519"])
+    passed: list[bytes] = []
+    signing = rdkim.MessageSigning(signer, passed.append)
+    position = 0
+    for cut in cuts:
+        signing.write(MESSAGE[position:position + cut])
+        position += cut
+    signing.write(MESSAGE[position:])
+    assert b"".join(passed) == MESSAGE
+    assert signing.finish_here(1_790_000_000) == rdkim.sign_message(signer, MESSAGE,
+                                                               1_790_000_000).field
+
+
+def test_a_message_of_header_fields_only_is_signed(keys: dict[str, Path]) -> None:
+    signer = signer_for(keys["ed25519"])
+    header_only = MESSAGE[:MESSAGE.index(b"\r\n\r\n") + 2]
+    signature = rdkim.sign_message(signer, header_only, 1_790_000_000)
+    assert signature.field is not None
+    assert dkim.verify(signature.field + header_only,
+                       dnsfunc=dns_for("s1", "example.org", signer.keys[0].key))
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    (b"\r\nno header at all\r\n", "no header fields"),
+    (b"From: a@example.org\r\nnot a field\r\n\r\nbody\r\n", "malformed header section"),
+    (b"X-Long: " + b"a" * rdkim.HEADER_LIMIT + b"\r\nFrom: a@example.org\r\n\r\nbody\r\n",
+     "no end of the header section"),
+])
+def test_messages_that_are_not_signed_say_why(keys: dict[str, Path], message: bytes,
+                                              reason: str) -> None:
+    signature = rdkim.sign_message(signer_for(keys["ed25519"]), message, 0)
+    assert signature.field is None and signature.reason.startswith(reason)
 
 
 BODY_LINES = st.lists(st.sampled_from(
@@ -251,10 +289,13 @@ def receive_signed(reactor_thread: Any, store: SQLiteQueueStore, signer: rdkim.S
 
     def run() -> Deferred[str]:
         incoming = store.incoming()
+        signing = rdkim.start_signing(signer, client, incoming.write)
+        write = incoming.write if signing is None else signing.write
         for start in range(0, len(body), 1000):
-            incoming.write(body[start:start + 1000])
-        signed = rdkim.signing_commit(signer, client, incoming, reactor_thread.reactor.seconds())
-        return signed(incoming.commit(ENVELOPE)).addCallback(lambda _: incoming.queue_id)
+            write(body[start:start + 1000])
+        committed = rdkim.signed_commit(signing, incoming, reactor_thread.reactor.seconds(),
+                                        lambda: incoming.commit(ENVELOPE))
+        return committed.addCallback(lambda _: incoming.queue_id)
 
     return reactor_thread.run(run)  # type: ignore[no-any-return]
 

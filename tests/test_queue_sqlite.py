@@ -134,6 +134,30 @@ def test_commit_stores_envelope_body_and_queued_recipients(
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.parametrize("size", [100, 300_000])  # held in memory; already on disk
+def test_prepended_fields_go_in_front_of_the_stored_body(
+    reactor_thread: Any, any_store: SQLiteQueueStore, size: int
+) -> None:
+    """What a DKIM signature needs: bytes put in front at the end of DATA are part of the
+    committed body (file and, for PostgreSQL, the database row) and of its size."""
+    body = b"Subject: hello\r\n\r\n" + b"y" * size + b"\r\n"
+    front = b"DKIM-Signature: v=1; b=x\r\n"
+
+    def run() -> Deferred[str]:
+        msg = any_store.incoming()
+        for start in range(0, len(body), 1000):
+            msg.write(body[start:start + 1000])
+        msg.prepend(front)
+        return msg.commit(ENVELOPE).addCallback(lambda _: msg.queue_id)
+
+    queue_id = reactor_thread.run(run)
+    assert Path(any_store.body_path(queue_id)).read_bytes() == front + body
+    msg = reactor_thread.run(any_store.get_message, queue_id)
+    assert msg is not None and msg.size == len(front + body)
+    if not isinstance(any_store, SQLiteQueueStore):
+        assert reactor_thread.run(any_store.body_bytes, queue_id) == front + body
+
+
 def test_messages_survive_reopening(reactor_thread: Any, tmp_path: Path) -> None:
     first = SQLiteQueueStore(tmp_path)
     reactor_thread.run(first.open)

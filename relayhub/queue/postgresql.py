@@ -159,6 +159,9 @@ class _Job:
     size: int
     envelope: Envelope
     subject: str
+    # SpooledIncoming.body_parts: still to write at its end, and to put in front.
+    rest: bytes = b""
+    front: bytes = b""
 
 
 class _Batcher(Generic[T, R]):
@@ -229,8 +232,9 @@ class _PGIncoming(SpooledIncoming):
             self._discard()
             self._store.stats.failures += 1
             return fail(TemporaryFailure())
+        rest, front = self.body_parts()
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject)
+                   subject, rest, front)
         return self._store._commits.add(job).addCallbacks(
             self._store._committed, self._store._not_committed, errbackArgs=(job,))
 
@@ -448,6 +452,7 @@ class PostgreSQLQueueStore(QueueStore):
         for i, job in enumerate(jobs):
             try:
                 with job.file:
+                    spool.complete(job.file, job.rest, job.front)
                     job.file.flush()
                 written.append(i)
             except OSError as exc:

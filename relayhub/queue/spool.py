@@ -18,8 +18,9 @@ FileIdentity = tuple[int, int]  # (st_dev, st_ino)
 
 
 def create_exclusive(path: Path) -> BinaryIO:
-    """Create `path` (0600, must not exist) and return it as a buffered binary writer."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """Create `path` (0600, must not exist) and return it as a buffered binary writer (its
+    descriptor also reads, for `insert_front`)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         return os.fdopen(fd, "wb", buffering=BUFFER_SIZE)
     except BaseException:
@@ -36,6 +37,16 @@ def sync_and_close(file: BinaryIO) -> FileIdentity:
         os.fdatasync(file.fileno())
         st = os.fstat(file.fileno())
     return st.st_dev, st.st_ino
+
+
+def complete(file: BinaryIO, rest: bytes, front: bytes) -> None:
+    """Blocking: finish a body file being written: `rest` at its end, then `front` in front
+    of all of it (see SpooledIncoming.body_parts)."""
+    if rest:
+        file.write(rest)
+    if front:
+        file.flush()
+        insert_front(file, front)
 
 
 def insert_front(file: BinaryIO, data: bytes, chunk: int = 1024 * 1024) -> None:

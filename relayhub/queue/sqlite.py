@@ -98,7 +98,9 @@ class _Job:
     subject: str
     # (st_dev, st_ino) once the body is fsync'd and closed; None if that failed.
     identity: spool.FileIdentity | None = None
-    prefix: Callable[[BinaryIO], bytes] | None = None  # IncomingMessage.prepend
+    # SpooledIncoming.body_parts: still to write at its end, and to put in front.
+    rest: bytes = b""
+    front: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,6 @@ class _SQLiteIncoming(SpooledIncoming):
     ) -> None:
         super().__init__(queue_id, path, file, arrival, store._live_ids.discard)
         self._store = store
-        self._prefix: Callable[[BinaryIO], bytes] | None = None  # see prepend
 
     def commit(self, envelope: Envelope, subject: str = "") -> Deferred[None]:
         self._finish("commit")
@@ -124,14 +125,10 @@ class _SQLiteIncoming(SpooledIncoming):
             self._discard()
             self._store.stats.failures += 1
             return fail(storage_failure(self._error))
+        rest, front = self.body_parts()
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject, prefix=self._prefix)
+                   subject, rest=rest, front=front)
         return self._store._sync_then_enqueue(job)
-
-    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
-        if self._finished:
-            raise QueueStateError(f"{self.queue_id}: prepend after commit or abort")
-        self._prefix = make_prefix
 
 
 class SQLiteQueueStore(QueueStore):
@@ -289,7 +286,7 @@ class SQLiteQueueStore(QueueStore):
 
     def _sync_then_enqueue(self, job: _Job) -> Deferred[None]:
         """fsync and close the body on the sync pool, then join the next database batch."""
-        if not self._ready or (job.size < PARALLEL_SYNC_MIN and job.prefix is None):
+        if not self._ready or job.size < PARALLEL_SYNC_MIN:
             # A small body is flushed by the batch itself: a second thread hop would cost
             # it more latency than the parallel flush saves.
             return self._enqueue(job)
@@ -385,8 +382,7 @@ class SQLiteQueueStore(QueueStore):
                 # Normally prepared already on the sync pool; a job enqueued while the store
                 # was closing still needs it here.
                 if job.identity is None:
-                    if job.prefix is not None:
-                        jobs[i] = job = _with_prefix(job)
+                    spool.complete(job.file, job.rest, job.front)
                     identities[i] = spool.sync_and_close(job.file)
                 else:
                     identities[i] = job.identity
@@ -711,21 +707,10 @@ class SQLiteQueueStore(QueueStore):
 
 
 def _prepared(job: _Job) -> _Job:
-    """Sync pool thread: the body with its prefix (a DKIM signature) in front, fsync'd and
-    closed; the job now knows which file it was."""
-    if job.prefix is not None:
-        job = _with_prefix(job)
-    return replace(job, identity=spool.sync_and_close(job.file))
-
-
-def _with_prefix(job: _Job) -> _Job:
-    """The job's body with what its prefix function gives in front (off the reactor)."""
-    assert job.prefix is not None
-    job.file.flush()
-    with open(job.path, "r+b") as file:
-        prefix = job.prefix(file)
-        spool.insert_front(file, prefix)
-    return replace(job, size=job.size + len(prefix))
+    """Sync pool thread: the body completed, fsync'd and closed; the job now knows which
+    file it was."""
+    spool.complete(job.file, job.rest, job.front)
+    return replace(job, identity=spool.sync_and_close(job.file), rest=b"", front=b"")
 
 
 def _valid(selection: Selection) -> Selection:

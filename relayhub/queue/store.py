@@ -11,7 +11,6 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -229,11 +228,9 @@ class IncomingMessage(abc.ABC):
     def abort(self) -> None:
         """Forget this message: its body file is removed and nothing is queued."""
 
-    def prepend(self, make_prefix: Callable[[BinaryIO], bytes]) -> None:
-        """Before `commit` (DKIM signing, relayhub.dkim): have the commit call `make_prefix`
-        off the reactor, just before the body is made durable, with the message as written
-        (a readable file at its start), and put the bytes it returns in front of it.
-        `make_prefix` must not raise; an I/O error fails the commit (451)."""
+    def prepend(self, data: bytes) -> None:
+        """Before `commit`: put `data` (complete header fields: a DKIM signature) in front of
+        the body written so far, as part of the same durable commit."""
         raise NotImplementedError(f"{type(self).__name__} cannot prepend")
 
 

@@ -36,7 +36,7 @@ from relayhub.admission import Admission
 from relayhub.aliases import LocalNames, recipient_requests
 from relayhub.clientname import ClientNamer
 from relayhub.config import SmtpSettings
-from relayhub.dkim import Signer, signing_commit
+from relayhub.dkim import MessageSigning, Signer, signed_commit, start_signing
 from relayhub.errors import MessageRefused, SMTPReply, SyntaxErrorReply, TemporaryFailure
 from relayhub.masquerade import masquerade_domain, masquerade_headers
 from relayhub.policy import AcceptancePolicy, ClientContext
@@ -233,6 +233,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._chunk: ChunkReader | None = None
         self._chunk_reply: Reply | None = None  # the answer once the chunk has been read
         self._header_stage: HeaderStage | None = None
+        self._signing: MessageSigning | None = None  # DKIM, for trusted or authenticated
         self._errors = 0
         self._deadline = CommandDeadline(config.smtp.timeout)
         self._greeted = False  # our 220 has gone out
@@ -679,7 +680,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         assert self._header_stage is not None
         self._header_stage.finish()
         summary = self._header_stage.summary()
+        signing = self._signing
         self._transaction, self._reader, self._header_stage = None, None, None
+        self._signing = None
         refusal: MessageRefused | None = None
         if reader.defects.bare_newline:
             refusal = MessageRefused(550, "5.5.2", "Error: bare <CR> or <LF> received")
@@ -729,13 +732,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 return Failure(TemporaryFailure())
             return failure
 
-        signed = signing_commit(self.config.dkim, self.client, incoming,
-                                self.factory.clock.seconds())
-        self._wait_for(
-            signed(incoming.commit(envelope, summary.subject)).addCallbacks(queued, not_queued)
-        )
+        committed = signed_commit(signing, incoming, self.factory.clock.seconds(),
+                                  lambda: incoming.commit(envelope, summary.subject))
+        self._wait_for(committed.addCallbacks(queued, not_queued))
 
     def _abort_incoming(self) -> None:
+        self._signing = None
         if self._incoming is not None:
             self._incoming.abort()
             self._incoming = None
@@ -847,8 +849,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             raise
         self._incoming = incoming
         domains = self.config.masquerade
+        self._signing = start_signing(self.config.dkim, self.client, incoming.write)
         self._header_stage = HeaderStage(
-            incoming.write,
+            incoming.write if self._signing is None else self._signing.write,
             (lambda header: masquerade_headers(header, domains)) if txn.masquerade else None)
         self._reader = reader(
             self._store_body, max_size=self.config.smtp.max_message_size,
