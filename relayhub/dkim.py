@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayhub import maillog
@@ -522,16 +523,16 @@ class MessageSigning:
         self._decide(Signature(None, "failed"))
         return b""
 
-    def report(self, queue_id: str) -> None:
+    def report(self, queue_id: str, log: Logger = maillog.SMTPD) -> None:
         """Log what signing did (once the message is queued)."""
         outcome = self.outcome
         if self.failure is not None:
-            maillog.SMTPD.failure(maillog.DKIM_FAILED, self.failure, queue_id=queue_id)
+            log.failure(maillog.DKIM_FAILED, self.failure, queue_id=queue_id)
         elif outcome is not None and outcome.field is not None:
-            maillog.SMTPD.info(maillog.DKIM_SIGNED, queue_id=queue_id,
-                               selector=outcome.selector, domain=outcome.domain)
+            log.info(maillog.DKIM_SIGNED, queue_id=queue_id, selector=outcome.selector,
+                     domain=outcome.domain)
         elif outcome is not None:
-            maillog.SMTPD.debug(maillog.DKIM_SKIPPED, queue_id=queue_id, reason=outcome.reason)
+            log.debug(maillog.DKIM_SKIPPED, queue_id=queue_id, reason=outcome.reason)
 
 
 def sign_message(signer: Signer, message: bytes, now: float) -> Signature:
@@ -553,7 +554,8 @@ def start_signing(signer: Signer | None, client: ClientContext | None,
 
 
 def signed_commit(signing: MessageSigning | None, incoming: IncomingMessage, now: float,
-                  commit: Callable[[], Deferred[None]]) -> Deferred[None]:
+                  commit: Callable[[], Deferred[None]], log: Logger = maillog.SMTPD
+                  ) -> Deferred[None]:
     """For the end of DATA: put the signature in front of `incoming`, then `commit` it (the
     report of what signing did follows once the message is queued)."""
     if signing is None:
@@ -568,7 +570,7 @@ def signed_commit(signing: MessageSigning | None, incoming: IncomingMessage, now
         return commit().addCallback(report)
 
     def report(result: T) -> T:
-        signing.report(incoming.queue_id)
+        signing.report(incoming.queue_id, log)
         return result
 
     return signing.finish(now).addCallback(then_commit)

@@ -152,6 +152,33 @@ def test_one_signature_for_every_recipient(reactor_thread: ReactorThread, tmp_pa
         hub.stop()
 
 
+def test_mail_submitted_with_sendmail_is_signed(reactor_thread: ReactorThread, tmp_path: Path,
+                                                dns_server: DNSServer) -> None:
+    """A local user's mail (relayhub-sendmail, picked up by the queue manager) is the
+    organisation's own: signed as a trusted client's, and the signature verifies."""
+    key = tmp_path / "ed.key"
+    dns_server.set_zone({**zone(), "s1._domainkey.example.org": {
+        "TXT": [keygen(key, "s1", "ed25519")]}})
+    port = free_port()
+    hub = start_hub(tmp_path, dns_server, port, {
+        "selector": "s1", "private_key": str(key), "domains": ["example.org"]})
+    sendmail = Path(sys.executable).with_name("relayhub-sendmail")
+    try:
+        with SMTPSink(reactor_thread, host="127.0.0.14", port=port) as sink:
+            done = subprocess.run([str(sendmail), "-C", str(hub.config_path), "-oi",
+                                   "-f", "alice@example.org", "bob@sink.example"],
+                                  input=BODY.replace(b"\r\n", b"\n"), capture_output=True,
+                                  timeout=60, cwd=hub.directory)
+            assert done.returncode == 0, done.stderr
+            [arrived] = sink.wait_messages(1)
+        assert arrived.body is not None and len(signatures(arrived.body)) == 1
+        assert b"(relayhub, from userid " in arrived.body
+        assert dkim.verify(arrived.body, dnsfunc=dnsfunc_for(dns_server))
+        hub.wait_for_log("DKIM-Signature field added (s=s1, d=example.org)")
+    finally:
+        hub.stop()
+
+
 def test_mail_from_outside_is_not_signed(tmp_path: Path, dns_server: DNSServer) -> None:
     key = tmp_path / "rsa.key"
     keygen(key, "s1", "rsa")

@@ -4,9 +4,10 @@ Runs in the queue manager. It scans when the process starts, whenever the queue 
 woken (relayhub-sendmail wakes it through the control socket when it may) and every few
 seconds besides (a caller who may not use the control socket). Each file is read in a
 thread, its owner's right to the envelope sender is checked again (relayhub.sendmail.
-maildrop), aliases are expanded as RCPT would, a Received: field names the user, and the
-file is removed only after the queue store has committed the message: a crash in between
-delivers a message twice, never loses it.
+maildrop), aliases are expanded as RCPT would, a Received: field names the user, the
+message is DKIM-signed as a trusted client's would be (a local user's mail is the
+organisation's own), and the file is removed only after the queue store has committed
+the message: a crash in between delivers a message twice, never loses it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from twisted.internet import defer, threads
 from relayhub import maillog
 from relayhub.aliases import LocalNames
 from relayhub.config import Settings
+from relayhub.dkim import build_signer, signed_commit, start_signing
+from relayhub.policy import ClientContext
 from relayhub.queue.store import Envelope, QueueStore, RecipientRequest
 from relayhub.sendmail.maildrop import (
     Drop,
@@ -42,6 +45,8 @@ _LOG = maillog.QMGR
 STALE_AGE = 86400.0
 # What a maildrop file may name as its protocol (anything else is written by hand: "local").
 PROTOCOLS = frozenset({"local", "SMTP", "ESMTP"})
+# Whoever can write the maildrop has a login on this host: as trusted as `mynetworks`.
+LOCAL_USER = ClientContext("127.0.0.1", trusted=True, authenticated=False)
 
 
 def pickup_received(hostname: str, uid: int, queue_id: str, now: float) -> bytes:
@@ -62,6 +67,7 @@ class Pickup:
             settings.server.hostname, settings.domains.local, settings.domains.masquerade,
             settings.sendmail.allow_any_sender, privileged={0, os.geteuid()})
         self.store = store
+        self.signer = build_signer(settings.dkim.entries())  # the keys, checked by the config
         self.names = names
         self.reactor = reactor
         self.on_queued = on_queued
@@ -153,21 +159,24 @@ class Pickup:
         # must never hold a bare CR or LF (nothing would send one onward).
         message = normalize_input(drop.message, ignore_dots=True)
         incoming = self.store.incoming()
+        signing = start_signing(self.signer, LOCAL_USER, incoming.write)
         try:
             incoming.write(pickup_received(self.hostname, drop.uid, incoming.queue_id,
                                            self.reactor.seconds()))
-            incoming.write(message)
+            (incoming.write if signing is None else signing.write)(message)
         except BaseException:
             incoming.abort()
             raise
         summary = summarize_header(message[:256 * 1024])
-        await incoming.commit(Envelope(
+        queued = Envelope(
             sender=envelope.sender, recipients=tuple(requests), body_type=envelope.body_type,
             smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid,
             client_name="localhost", client_address="127.0.0.1", helo=envelope.helo,
             protocol=envelope.protocol if envelope.protocol in PROTOCOLS else "local",
             auth_user=None,
-        ), summary.subject)
+        )
+        await signed_commit(signing, incoming, self.reactor.seconds(),
+                            lambda: incoming.commit(queued, summary.subject), _LOG)
         _LOG.info(maillog.PICKUP, queue_id=incoming.queue_id, uid=drop.uid,
                   sender=envelope.sender, size=len(message), nrcpt=len(requests))
         await threads.deferToThread((self.directory / name).unlink, missing_ok=True)
