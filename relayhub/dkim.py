@@ -421,9 +421,10 @@ class MessageSigning:
 
     It runs on the reactor: the hashing costs about what copying the bytes does, and
     Ed25519's private-key operation (0.02 ms) less than a thread hop would; RSA's (0.3 ms)
-    goes to a thread (`SigningKey.signs_in_thread`). It never raises: a failure leaves the message unsigned (queued,
-    not refused: a 451 for a bug in signing would hold every sender's mail back until it is
-    fixed, while some receivers may only junk an unsigned message), and `report` logs it."""
+    goes to a thread (`SigningKey.signs_in_thread`). It never raises: a failure leaves the
+    message unsigned (queued, not refused: a 451 for a bug in signing would hold every
+    sender's mail back until it is fixed, while some receivers may only junk an unsigned
+    message), and `report` logs it."""
 
     def __init__(self, signer: Signer, write: Callable[[bytes], None]) -> None:
         self._signer = signer
