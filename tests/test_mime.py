@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relayhub import mime
 from relayhub.mime import (
     BodyTraits,
     body_traits,
@@ -186,6 +187,23 @@ def test_body_traits_crlf_split_across_chunks(tmp_path: Path) -> None:
     path = tmp_path / "body"
     path.write_bytes(data)
     assert body_traits(path).longest_line == 65535
+
+
+@given(st.binary(max_size=300).map(lambda b: b.translate(bytes.maketrans(
+    bytes(range(256)), (b"a\r\n\xff" * 64)))), st.lists(st.integers(1, 40), max_size=10))
+def test_body_traits_in_any_chunking_is_the_line_by_line_definition(
+        data: bytes, cuts: list[int]) -> None:
+    """Longest line: split at LF, a CR right before the LF not counted; the same however
+    the body is cut into chunks (a CRLF split between two of them too)."""
+    lines = data.split(b"\n")
+    longest = max(len(line) - (line.endswith(b"\r") and i < len(lines) - 1)
+                  for i, line in enumerate(lines))
+    chunks, position = [], 0
+    for cut in cuts:
+        chunks.append(data[position:position + cut])
+        position += cut
+    chunks.append(data[position:])
+    assert mime._scan(c for c in chunks if c) == BodyTraits(not data.isascii(), longest)
 
 
 def test_decode_for_display_still_works() -> None:
