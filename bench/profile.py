@@ -35,7 +35,7 @@ from bench.relay import MAIL_FROM, RCPT, SmtpSink  # noqa: E402
 
 # Leaf frames of a sample that is waiting, not working.
 _IDLE = ("Condition.wait", "EPollReactor.doPoll (twisted/internet/epollreactor.py:227)",
-         "Queue.get (queue.py")
+         "Queue.get (queue.py", "_worker (concurrent/futures/thread.py")
 _LINE = re.compile(r":\d+\)")
 
 
