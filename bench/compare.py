@@ -125,11 +125,13 @@ def run_smtp(server: SmtpServer, scenarios: dict[str, Scenario], args: argparse.
     scenarios["p99"].add(server.name, level.percentile(99))
 
 
+POP3_SIZES = argparse.Namespace(messages=1000, size=4096, users=10, per_user=200)
+
+
 def run_pop3(servers: list[pop3.Server], scenarios: dict[str, Scenario],
              args: argparse.Namespace) -> None:
     for scenario in ("single", "parallel"):
-        users = pop3.scenario_users(scenario, argparse.Namespace(
-            messages=1000, size=4096, users=10, per_user=200))
+        users = pop3.scenario_users(scenario, POP3_SIZES)
         for server in servers:
             server.prepare(users)
             elapsed, count, _ = pop3.run_sessions(server.port, list(users))
@@ -218,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="relayhub-compare-pop3-"))
         work.chmod(0o755)  # Dovecot's unprivileged processes must reach their files
         try:
-            with pop3.servers(work, dovecot=not args.no_postfix) as running:
+            everyone = [user for scenario in ("single", "parallel")
+                        for user in pop3.scenario_users(scenario, POP3_SIZES)]
+            with pop3.servers(work, not args.no_postfix, everyone, 2) as running:
                 for _ in range(args.runs):
                     run_pop3(running, scenarios, args)
         finally:

@@ -30,10 +30,10 @@ from types import TracebackType
 # (`<sec>.M<usec>P<pid>R<random>.<host>,S=<size>`). Both check {PLAIN} passwords, so the
 # login cost is comparable (relayhub's default argon2id would add ~0.1 s of CPU per login).
 #
-# relayhub runs as one process: `pop3_factory` on the default reactor, in a child interpreter
-# (`--serve`), as one worker of the daemon would. Dovecot (Debian `dovecot-pop3d`) runs from a
-# private configuration directory on a loopback port, with a passwd-file, as `nobody`; it
-# forks a pop3 process per session. Neither is left running: both are stopped at the end, and
+# relayhub runs as the daemon (`twistd relayhub`) with `--workers` processes (default: the CPU
+# count, the daemon's own default) sharing the POP3 port. Dovecot (Debian `dovecot-pop3d`)
+# runs from a private configuration directory on a loopback port, with a passwd-file, as
+# `nobody`; it forks a pop3 process per session. Neither is left running: both are stopped at the end, and
 # a dead-man switch (bench.postfix.spawn_guard) stops them if this script is killed.
 #
 #     python bench/pop3.py [--rounds 5] [--no-dovecot]
@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.accept import default_twistd  # noqa: E402
 from bench.postfix import free_port, spawn_guard  # noqa: E402
 
 PASSWORD = "bench-password"
@@ -275,20 +276,33 @@ class Server:
 
 
 class RelayhubServer(Server):
+    """The daemon as an administrator runs it (`twistd relayhub`, `workers` processes
+    sharing the POP3 port), like Dovecot with its process per session."""
+
     name = "relayhub"
+
+    def __init__(self, directory: Path, users: list[str], workers: int) -> None:
+        super().__init__(directory)
+        self.workers = workers
+        # Every user of every scenario from the start: the daemon reads the file when it
+        # starts (a change later would need a reload).
+        replace_file(directory / "users",
+                     "".join(f"{user}:{{PLAIN}}{PASSWORD}:Bench\n" for user in users))
 
     @property
     def mail_root(self) -> Path:
         return self.directory / "state" / "mail"
 
     def command(self) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--serve",
-                str(self.directory), str(self.port)]
-
-    def prepare(self, users: Mapping[str, list[bytes]]) -> None:
-        replace_file(self.directory / "users",
-                     "".join(f"{user}:{{PLAIN}}{PASSWORD}:Bench\n" for user in users))
-        super().prepare(users)
+        d = self.directory
+        (d / "relayhub.toml").write_text(
+            f'[server]\nhostname = "bench.test"\nstate_dir = "{d / "state"}"\n'
+            f"workers = {self.workers}\n"
+            f'[smtp]\nlisten = ["tcp:{free_port()}:interface=127.0.0.1"]\n'
+            f'[pop3]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+            "allow_plaintext_auth = true\n"
+            f'[users]\nfile = "{d / "users"}"\n')
+        return [default_twistd(), "-n", "--pidfile=", "relayhub", "-c", str(d / "relayhub.toml")]
 
 
 class DovecotServer(Server):
@@ -345,24 +359,6 @@ service pop3-login {{
         super().prepare(users)
 
 
-def serve_relayhub(directory: Path, port: int) -> None:
-    """Child mode: relayhub's POP3 factory on the default reactor until SIGTERM."""
-    from twisted.internet import reactor
-
-    from relayhub.config import parse_settings
-    from relayhub.pop3.service import pop3_factory
-    from relayhub.users import UserDatabase
-
-    settings = parse_settings({
-        "server": {"hostname": "bench.test", "state_dir": str(directory / "state")},
-        "users": {"file": str(directory / "users")},
-        "pop3": {"allow_plaintext_auth": True},
-    }, "bench")
-    factory = pop3_factory(settings, UserDatabase(directory / "users"), reactor)
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
-    reactor.run()
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -374,27 +370,29 @@ def scenario_users(scenario: str, args: argparse.Namespace) -> dict[str, list[by
 
 
 @contextlib.contextmanager
-def servers(work: Path, dovecot: bool) -> Iterator[list[Server]]:
+def servers(work: Path, dovecot: bool, users: list[str], workers: int
+            ) -> Iterator[list[Server]]:
     with contextlib.ExitStack() as stack:
         started: list[Server] = []
-        kinds: list[type[Server]] = [RelayhubServer] + ([DovecotServer] if dovecot else [])
-        for kind in kinds:
-            directory = work / kind.name
+        for name in ["relayhub"] + (["dovecot"] if dovecot else []):
+            directory = work / name
             directory.mkdir(mode=0o755)
-            started.append(stack.enter_context(kind(directory)))
+            server = RelayhubServer(directory, users, workers) if name == "relayhub" \
+                else DovecotServer(directory)
+            started.append(stack.enter_context(server))
         yield started
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--serve"]:
-        serve_relayhub(Path(argv[1]), int(argv[2]))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=1000, help="single scenario")
     parser.add_argument("--users", type=int, default=10, help="parallel scenario")
     parser.add_argument("--per-user", type=int, default=200, help="parallel scenario")
     parser.add_argument("--size", type=int, default=4096, help="octets per message")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="relayhub's worker processes (default: the CPU count, as the "
+                             "daemon's own default)")
     parser.add_argument("--no-dovecot", action="store_true")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (server logs, Maildirs) for a look")
@@ -417,7 +415,8 @@ def main(argv: list[str]) -> int:
     times: dict[tuple[str, str], list[float]] = {}
     totals: dict[str, tuple[int, int]] = {}
     try:
-        with servers(work, dovecot) as running:
+        everyone = [user for scenario in scenarios for user in scenario_users(scenario, args)]
+        with servers(work, dovecot, everyone, args.workers) as running:
             for _round in range(args.rounds):
                 for scenario in scenarios:
                     users = scenario_users(scenario, args)
@@ -453,7 +452,7 @@ def main(argv: list[str]) -> int:
             print(f"{label:<45} {server_name:<9} {median:>9.3f} {min(samples):>8.3f} "
                   f"{count / median:>8.0f} {octets / median / 2**20:>7.1f}")
     print(f"({args.rounds} rounds; download with RETR then DELE of every message, QUIT; "
-          f"one relayhub process; {os.cpu_count()} CPUs)")
+          f"relayhub with {args.workers} workers; {os.cpu_count()} CPUs)")
     if skipped:
         print(skipped)
     return 0
