@@ -33,8 +33,8 @@ from types import TracebackType
 # relayhub runs as the daemon (`twistd relayhub`) with `--workers` processes (default: the CPU
 # count, the daemon's own default) sharing the POP3 port. Dovecot (Debian `dovecot-pop3d`)
 # runs from a private configuration directory on a loopback port, with a passwd-file, as
-# `nobody`; it forks a pop3 process per session. Neither is left running: both are stopped at the end, and
-# a dead-man switch (bench.postfix.spawn_guard) stops them if this script is killed.
+# `nobody`; it forks a pop3 process per session. Neither is left running: both are stopped
+# at the end, and a dead-man switch (bench.postfix.spawn_guard) stops them if this script is killed.
 #
 #     python bench/pop3.py [--rounds 5] [--no-dovecot]
 
