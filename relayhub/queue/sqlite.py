@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -593,9 +594,14 @@ class SQLiteQueueStore(QueueStore):
     def claim_due(self, now: float, limit: int, lease: float) -> Deferred[list[DueWork]]:
         def claim() -> list[DueWork]:
             claimed = scheduling.claim_due(self._db, now, limit, lease)
+            if not claimed:
+                return []
+            # Every claimed message in one read, not one transaction per message.
+            loaded = {message.queue_id: message for message in self._load_where(
+                "id IN (SELECT value FROM json_each(:ids))", {"ids": json.dumps(list(claimed))})}
             work = []
             for queue_id, indexes in claimed.items():
-                for message in self._load(queue_id):
+                if (message := loaded.get(queue_id)) is not None:  # not deleted meanwhile
                     leased = tuple(r for r in message.recipients if r.index in indexes)
                     work.append(DueWork(message, leased))
             return work
