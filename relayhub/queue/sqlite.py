@@ -7,6 +7,7 @@ import os
 import random
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -175,6 +176,10 @@ class SQLiteQueueStore(QueueStore):
         self._records: list[tuple[str, Sequence[RecipientUpdate], float,
                                   Deferred[Recorded]]] = []
         self._recording = False
+        # Calls waiting for the database thread, and whether a run of them is under way
+        # (see _call).
+        self._calls: deque[tuple[Callable[[], Any], Deferred[Any]]] = deque()
+        self._draining = False
         self._writing = False
         self._idle_waiters: list[Deferred[None]] = []
         # Worker-thread only:
@@ -218,7 +223,7 @@ class SQLiteQueueStore(QueueStore):
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         idle: Deferred[None] = Deferred()
-        if self._writing or self._syncing:
+        if self._writing or self._syncing or self._draining:
             self._idle_waiters.append(idle)
         else:
             idle.callback(None)
@@ -372,7 +377,7 @@ class SQLiteQueueStore(QueueStore):
         self._notify_idle()
 
     def _notify_idle(self) -> None:
-        if not self._writing and not self._syncing:
+        if not self._writing and not self._syncing and not self._draining:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -708,12 +713,52 @@ class SQLiteQueueStore(QueueStore):
         return self._call(lambda: scheduling.summary(self._db, now))
 
     def _call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run `fn(*args)` on the database thread, after every call made before it.
+
+        Calls made while a run of them is under way go together in the next run: one
+        thread hop and one wake-up of the reactor for all of them, not one each (the queue
+        manager makes several calls per message, nearly always while another is running).
+        """
         # _retry_busy re-runs `fn` whole, so each one must be a complete transaction.
         if not self._ready:
             return fail(QueueStateError("queue store is not open"))
-        return deferToThreadPool(
-            self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
-        )
+        done: Deferred[T] = Deferred()
+        self._calls.append((lambda: fn(*args), done))
+        if not self._draining:
+            self._drain()
+        return done
+
+    def _drain(self) -> None:
+        self._draining = True
+        # Only the calls made so far: later ones wait for the next run, so that the results
+        # of these come back without waiting for calls that keep arriving.
+        calls = [self._calls.popleft() for _ in range(len(self._calls))]
+        ran = deferToThreadPool(self._reactor, self._pool, self._run_calls,
+                                [call for call, _ in calls])
+        ran.addBoth(self._drained, [done for _, done in calls])
+
+    def _run_calls(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """Database thread: each call in turn, its result or its Failure."""
+        results: list[Any] = []
+        for call in calls:
+            try:
+                results.append(self._retry_busy(call))
+            except BaseException:
+                results.append(Failure())
+        return results
+
+    def _drained(self, results: list[Any] | Failure, waiting: list[Deferred[Any]]) -> None:
+        # Calls made by these callbacks join the next run rather than each starting one.
+        for done, result in zip(waiting, _each(results, len(waiting)), strict=True):
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(result)
+        if self._calls:
+            self._drain()
+        else:
+            self._draining = False
+            self._notify_idle()
 
 
 def _prepared(job: _Job) -> _Job:
@@ -740,6 +785,6 @@ def _valid(selection: Selection) -> Selection:
     return replace(selection, queue_ids=tuple(q for q in selection.queue_ids if is_queue_id(q)))
 
 
-def _each(result: list[Recorded] | Failure, count: int) -> list[Recorded | Failure]:
+def _each(result: Sequence[T] | Failure, count: int) -> list[T | Failure]:
     """A batch's outcomes, one per record: a failed batch fails every record in it."""
     return [result] * count if isinstance(result, Failure) else list(result)
