@@ -78,6 +78,7 @@ GIVE_UP_STATUS = "5.0.0"
 GIVE_UP_TEXT = "message returned to the sender by the mail administrator"
 # Logged when an attempt ends for a message deleted meanwhile (relayhubctl queue delete).
 DISCARDED = "{queue_id}: deleted during delivery, attempt results discarded"
+_VERB = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
 
 @dataclass
 class _Destination:
@@ -410,12 +411,10 @@ class QueueManager(Service):
 
     def _log_attempt(self, message: StoredMessage, recipient: StoredRecipient,
                      result: AttemptResult, now: float) -> None:
-        verb = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "deferred",
-                Outcome.BOUNCED: "bounced"}[result.outcome]
         _LOG.info(
             maillog.DELIVERY, queue_id=message.queue_id, recipient=recipient.address,
             relay=result.relay, delay=f"{now - message.arrival:.1f}", status=result.status,
-            verb=verb, text=result.text, tls=result.tls or "none",
+            verb=_VERB[result.outcome], text=result.text, tls=result.tls or "none",
             next_hop=self.router.next_hop_class(recipient.address),  # for relayhub.metrics
             verified=result.verified or "none",
         )

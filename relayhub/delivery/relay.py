@@ -46,7 +46,7 @@ def open_for_hop(path: Path, eight_bit_ok: bool) -> BinaryIO:
     return io.BytesIO(to_7bit(data) if needs_7bit else limit_line_length(data))
 
 
-def read_small_for_hop(path: Path, eight_bit_ok: bool) -> BinaryIO | None:
+def read_small_for_hop(path: str, eight_bit_ok: bool) -> BinaryIO | None:
     """The body as this hop may receive it, in memory, if it is at most SMALL_BODY octets;
     None if it is larger (then `open_for_hop` in a thread streams it).
 
@@ -140,7 +140,7 @@ class RelayCourier:
 
     def _outbound(self, item: Item) -> OutboundMessage:
         message, recipients = item
-        path = Path(self.store.body_path(message.queue_id))
+        path = self.store.body_path(message.queue_id)
 
         def open_body(eight_bit_ok: bool) -> defer.Deferred[BinaryIO]:
             if message.size <= SMALL_BODY:  # the stored size: a hint, checked by the read
@@ -151,7 +151,7 @@ class RelayCourier:
                 if small is not None:
                     return defer.succeed(small)
             opened: defer.Deferred[BinaryIO] = threads.deferToThread(
-                open_for_hop, path, eight_bit_ok)
+                open_for_hop, Path(path), eight_bit_ok)
             return opened
 
         envelope = message.envelope

@@ -154,6 +154,7 @@ class SQLiteQueueStore(QueueStore):
         self.directory = Path(state_dir) / "queue"
         self.db_path = self.directory / "queue.db"
         self.bodies = self.directory / "bodies"
+        self._bodies_prefix = f"{self.bodies}{os.sep}"
         self.stats = QueueStats()
         self._reactor = reactor
         self._busy_timeout = busy_timeout
@@ -545,7 +546,7 @@ class SQLiteQueueStore(QueueStore):
     def body_path(self, queue_id: str) -> str:
         if not is_queue_id(queue_id):
             raise ValueError(f"not a queue ID: {queue_id!r}")
-        return str(self.bodies / queue_id)
+        return self._bodies_prefix + queue_id  # called per message: no Path objects
 
     def _load(self, queue_id: str | None) -> list[StoredMessage]:
         if queue_id:
