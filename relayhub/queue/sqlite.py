@@ -649,9 +649,7 @@ class SQLiteQueueStore(QueueStore):
         def written(result: list[Recorded] | Failure) -> None:
             self._recording = False
             if not isinstance(result, Failure):
-                # After the commit (a crash in between leaves an orphan, not a lost row),
-                # and not on the database thread: unlinking is slow enough to hold up the
-                # next batch of results.
+                # After the commit (a crash in between leaves an orphan, not a lost row).
                 self._remove_bodies([queue_id for (queue_id, *_), outcome
                                      in zip(batch, result, strict=True)
                                      if outcome is Recorded.REMOVED])
@@ -671,9 +669,12 @@ class SQLiteQueueStore(QueueStore):
 
         def remove() -> None:
             for queue_id in queue_ids:
-                spool.remove(self.bodies / queue_id)
+                spool.remove(self._bodies_prefix + queue_id)
 
-        deferToThreadPool(self._reactor, self._sync_pool, remove).addErrback(
+        # On the database thread, in its next run with the calls waiting by then: a thread
+        # of its own would be one more wake-up per batch, which costs more CPU than the
+        # unlinks themselves.
+        self._call(remove).addErrback(
             lambda failure: self.log.failure("cannot remove delivered bodies", failure))
 
     # -- for relayhubctl ------------------------------------------------------------------
