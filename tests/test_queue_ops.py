@@ -460,7 +460,7 @@ def test_work_waiting_for_a_session_is_checked_before_it_starts(
     rt.run(store.release, Selection((held,)), time.time())
     rt.run(qm.wake)
     wait_until(lambda: len(smtp.gates) == 3)
-    assert smtp.sessions[-1] == [held]
+    assert smtp.sessions[-1][-1] == held  # taken by the idle session, or by a new one
 
 
 def test_a_message_deleted_during_its_session_leaves_no_trace(

@@ -94,6 +94,9 @@ class _Outbound:
     def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
         self.work.done(self._items.pop(id(message)), results)
 
+    def untaken(self, message: OutboundMessage) -> None:
+        self.work.untaken(self._items.pop(id(message)))
+
 
 class RelayCourier:
     def __init__(self, reactor: Any, store: QueueStore, resolver: MXResolver, *,
@@ -173,5 +176,6 @@ class RelayCourier:
 
 async def _drain(work: WorkSource,
                  result: Callable[[StoredRecipient], AttemptResult]) -> None:
-    while (item := await work.next()) is not None:
+    # No lingering: work that comes later gets a session, and a DNS answer, of its own.
+    while (item := await work.next(linger=False)) is not None:
         work.done(item, [result(r) for r in item[1]])
