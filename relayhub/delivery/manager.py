@@ -229,6 +229,11 @@ class QueueManager(Service):
             self._rescan = False
             self.wake()
             return None
+        if self._in_flight >= MAX_IN_FLIGHT:
+            # Full: nothing can be claimed before a result frees room, and every result
+            # wakes the manager (_record). next_due would answer "now" and the scan spin.
+            self._sleep_until(None)
+            return None
         return self.store.next_due(self.clock.seconds()).addCallbacks(
             self._sleep_until, lambda failure: self._sleep_until(None))
 
