@@ -178,6 +178,37 @@ def test_two_queued_messages_share_one_connection(reactor_thread: ReactorThread,
             world.hub.stop()
 
 
+def test_an_idle_session_carries_the_next_message_to_its_hop(world: World) -> None:
+    # A session with nothing left to send stays open a moment (IDLE_SESSION, as Postfix's
+    # connection cache) for more mail to the same hop, instead of QUIT and a new connection.
+    with world.sink("127.0.0.14") as sink:
+        world.send(["first@sink.example"])
+        [first] = sink.wait_messages(1)
+        still_open = not sink.sessions()[0].closed
+        world.send(["second@sink.example"])
+        messages = sink.wait_messages(2)
+        if still_open:  # a very slow machine may have let the idle session end meanwhile
+            assert {m.session for m in messages} == {first.session}
+            assert sink.connections == 1
+
+
+def test_an_idle_connection_closed_by_the_server_costs_the_next_message_nothing(
+        world: World) -> None:
+    with world.sink("127.0.0.14") as sink:
+        world.send(["first@sink.example"])
+        sink.wait_messages(1)
+        # The server ends the idle connection (its own timeout, say); the next message must
+        # go over a new one at once, not be deferred by an attempt on the dead one.
+        world.rt.run(lambda: [p.transport.loseConnection() for p in list(sink._live)])
+        sink.wait_for(lambda s: all(session.closed for session in s._sessions))
+        world.hub.wait_for_log("status=sent")
+        queue_id = world.send(["second@sink.example"])
+        [_, second] = sink.wait_messages(2)
+        assert second.accepted == ["second@sink.example"] and second.session == 2
+        world.wait_gone(queue_id)
+    assert "status=deferred" not in world.hub.log()
+
+
 @pytest.mark.hub({"delivery": {"max_lifetime": "7s", "delay_warning": "2s"}})
 def test_delay_warning_once_then_expiry_bounce(world: World) -> None:
     with world.sink("127.0.0.14", rcpt_replies=lambda address: "451 4.2.0 mailbox busy"):

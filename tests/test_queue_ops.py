@@ -460,7 +460,7 @@ def test_work_waiting_for_a_session_is_checked_before_it_starts(
     rt.run(store.release, Selection((held,)), time.time())
     rt.run(qm.wake)
     wait_until(lambda: len(smtp.gates) == 3)
-    assert smtp.sessions[-1] == [held]
+    assert smtp.sessions[-1][-1] == held  # taken by the idle session, or by a new one
 
 
 def test_a_message_deleted_during_its_session_leaves_no_trace(
@@ -504,4 +504,35 @@ def test_a_bounce_for_a_message_deleted_in_flight_sends_no_notice(
         assert failures == []
     finally:
         globalLogPublisher.removeObserver(observe)
+        stop_manager(rt, qm, smtp)
+
+
+def test_a_full_manager_waits_for_room_instead_of_polling_the_queue(
+        reactor_thread: ReactorThread, store: SQLiteQueueStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MAX_IN_FLIGHT recipients leased, nothing can be claimed until a result frees
+    room (and each result wakes the manager): it must not ask the store again and again."""
+    rt = reactor_thread
+    monkeypatch.setattr("relayhub.delivery.manager.MAX_IN_FLIGHT", 1)
+    asked: list[float] = []
+    next_due = store.next_due
+
+    def counting(now: float) -> defer.Deferred[float | None]:
+        asked.append(now)
+        return next_due(now)
+
+    monkeypatch.setattr(store, "next_due", counting)
+    smtp, notifier = GatedSMTP(), RecordingNotifier()
+    qm = start_manager(rt, store, smtp, notifier)
+    try:
+        first, second = queue(rt, store, "a@dest.example"), queue(rt, store, "b@dest.example")
+        rt.run(qm.wake)
+        wait_until(lambda: len(smtp.gates) == 1)  # the one slot is taken, b waits due
+        before = len(asked)
+        time.sleep(0.5)
+        assert len(asked) - before <= 2, f"{len(asked) - before} queue polls while full"
+        rt.run(smtp.gates[0].callback, None)
+        wait_until(lambda: len(smtp.gates) == 2)  # the freed room went to b at once
+        assert [queue_id for taken in smtp.sessions for queue_id in taken] == [first, second]
+    finally:
         stop_manager(rt, qm, smtp)

@@ -26,11 +26,16 @@ Item = tuple[StoredMessage, tuple[StoredRecipient, ...]]  # a message, its recip
 class WorkSource(Protocol):
     """The work waiting for one next hop, as one SMTP session takes it."""
 
-    async def next(self) -> Item | None:
-        """The next message with its recipients for this hop, or None when none waits."""
+    async def next(self, *, linger: bool = True) -> Item | None:
+        """The next message with its recipients for this hop, or None to end the session.
+        With `linger`, an open session may wait a little for more work to the hop."""
 
     def done(self, item: Item, results: Results) -> None:
         """One result per recipient of `item`, recorded at once."""
+
+    def untaken(self, item: Item) -> None:
+        """`item` was handed over but not attempted (the connection was found closed): it
+        goes back to the front of the line for another session."""
 
 
 class SMTPCourier(Protocol):

@@ -64,6 +64,10 @@ CLAIM_LIMIT = 500
 MAX_IN_FLIGHT = 5000
 # Messages carried by one SMTP session before it makes room for another.
 MESSAGES_PER_SESSION = 50
+# How long a session with nothing to send stays open for more work to its next hop (as
+# Postfix's connection cache, smtp_connection_cache_time_limit): under steady traffic a new
+# connection, greeting, EHLO and QUIT per few messages cost more than the messages did.
+IDLE_SESSION = 2.0
 # A lease outlives any single attempt; after a crash the next start releases them all.
 LEASE = 3600.0
 # Never sleep longer than this: a clock jump or a change by another process is noticed.
@@ -78,6 +82,7 @@ GIVE_UP_STATUS = "5.0.0"
 GIVE_UP_TEXT = "message returned to the sender by the mail administrator"
 # Logged when an attempt ends for a message deleted meanwhile (relayhubctl queue delete).
 DISCARDED = "{queue_id}: deleted during delivery, attempt results discarded"
+_VERB = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
 
 @dataclass
 class _Destination:
@@ -86,6 +91,9 @@ class _Destination:
     hop: NextHop
     waiting: deque[Item] = field(default_factory=deque)
     sessions: set[_SessionWork] = field(default_factory=set)
+    # Sessions waiting for work (see IDLE_SESSION): fired with True when work waits, with
+    # False when they are to end.
+    idle: deque[defer.Deferred[bool]] = field(default_factory=deque)
 
     def room(self) -> int:
         """How many waiting messages the sessions still opening will take. Sessions already
@@ -109,12 +117,17 @@ class _SessionWork:
         """Connecting, or handed nothing yet."""
         return self.quota == MESSAGES_PER_SESSION
 
-    async def next(self) -> Item | None:
-        return await self.manager._next_for(self)
+    async def next(self, *, linger: bool = True) -> Item | None:
+        return await self.manager._next_for(self, linger)
 
     def done(self, item: Item, results: Results) -> None:
         message, recipients = item
         self.manager._track(self.manager._record(message, recipients, results))
+
+    def untaken(self, item: Item) -> None:
+        # Still leased and counted in flight; the session ends, and _session_done hands the
+        # item to another.
+        self.destination.waiting.appendleft(item)
 
 
 class QueueManager(Service):
@@ -167,6 +180,9 @@ class QueueManager(Service):
         super().stopService()  # nothing new starts from here on
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        for destination in list(self._destinations.values()):  # ending ones leave it
+            while destination.idle:  # they end their sessions now
+                destination.idle.popleft().callback(False)
         stopped: defer.Deferred[None] = defer.Deferred()
 
         def finish(_: object = None) -> None:
@@ -212,6 +228,11 @@ class QueueManager(Service):
         if self._rescan:
             self._rescan = False
             self.wake()
+            return None
+        if self._in_flight >= MAX_IN_FLIGHT:
+            # Full: nothing can be claimed before a result frees room, and every result
+            # wakes the manager (_record). next_due would answer "now" and the scan spin.
+            self._sleep_until(None)
             return None
         return self.store.next_due(self.clock.seconds()).addCallbacks(
             self._sleep_until, lambda failure: self._sleep_until(None))
@@ -265,6 +286,9 @@ class QueueManager(Service):
     def _start_sessions(self, key: str) -> None:
         """Open sessions while work waits beyond what the open ones will still take."""
         destination = self._destinations[key]
+        # Idle sessions first: each takes an item at once (before its confirmation).
+        while destination.idle and destination.waiting:
+            destination.idle.popleft().callback(True)
         while (self.running and len(destination.waiting) > destination.room()
                and len(destination.sessions) < self.settings.concurrency_per_destination):
             work = _SessionWork(self, destination)
@@ -277,10 +301,15 @@ class QueueManager(Service):
         if key in self._destinations:
             self._start_sessions(key)
 
-    async def _next_for(self, work: _SessionWork) -> Item | None:
-        """The next confirmed item for `work`'s session, or None to end it."""
+    async def _next_for(self, work: _SessionWork, linger: bool = True) -> Item | None:
+        """The next confirmed item for `work`'s session, or None to end it; with `linger`,
+        an idle session waits up to IDLE_SESSION for work to arrive."""
         destination = work.destination
-        while work.quota > 0 and destination.waiting and self.running:
+        while work.quota > 0 and self.running:
+            if not destination.waiting:
+                if linger and await self._idle(destination):
+                    continue
+                break
             message, recipients = destination.waiting.popleft()
             try:
                 confirmed = await self.store.confirm_leased(
@@ -299,6 +328,26 @@ class QueueManager(Service):
                 return message, still
         work.quota = 0  # it takes nothing more: a new session is started for later work
         return None
+
+    def _idle(self, destination: _Destination) -> defer.Deferred[bool]:
+        """Fires with True when work for `destination` waits, with False after
+        IDLE_SESSION or at stop."""
+        resumed: defer.Deferred[bool] = defer.Deferred()
+
+        def expire() -> None:
+            if resumed in destination.idle:
+                destination.idle.remove(resumed)
+                resumed.callback(False)
+
+        timer = self.clock.callLater(IDLE_SESSION, expire)
+
+        def resume(work_waits: bool) -> bool:
+            if timer.active():
+                timer.cancel()
+            return work_waits
+
+        destination.idle.append(resumed.addCallback(resume))
+        return resumed
 
     def _deliver_local(self, message: StoredMessage, recipients: tuple[StoredRecipient, ...],
                        mailboxes: list[str]) -> None:
@@ -410,12 +459,10 @@ class QueueManager(Service):
 
     def _log_attempt(self, message: StoredMessage, recipient: StoredRecipient,
                      result: AttemptResult, now: float) -> None:
-        verb = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "deferred",
-                Outcome.BOUNCED: "bounced"}[result.outcome]
         _LOG.info(
             maillog.DELIVERY, queue_id=message.queue_id, recipient=recipient.address,
             relay=result.relay, delay=f"{now - message.arrival:.1f}", status=result.status,
-            verb=verb, text=result.text, tls=result.tls or "none",
+            verb=_VERB[result.outcome], text=result.text, tls=result.tls or "none",
             next_hop=self.router.next_hop_class(recipient.address),  # for relayhub.metrics
             verified=result.verified or "none",
         )

@@ -101,9 +101,16 @@ def confirm_leased(db: sqlite3.Connection, pairs: Sequence[tuple[str, int]], now
     committed since the snapshot, SQLite refuses (SQLITE_BUSY_SNAPSHOT) and the store's busy
     retry runs the whole check again on a fresh snapshot.
     """
+    args = {"pairs": json.dumps(pairs), "now": now}
+    # Nearly always every pair may go: then the one SELECT (its own snapshot) is the check,
+    # without a transaction around it. Otherwise it is checked again and the leases that
+    # must end are ended in one transaction.
+    rows = db.execute(_LEASED, args).fetchall()
+    if all(ok for _mid, _idx, ok in rows):
+        return {(mid, idx) for mid, idx, _ok in rows}
     db.execute("BEGIN")
     try:
-        rows = db.execute(_LEASED, {"pairs": json.dumps(pairs), "now": now}).fetchall()
+        rows = db.execute(_LEASED, args).fetchall()
         dropped = [(mid, idx) for mid, idx, ok in rows if not ok]
         db.executemany("UPDATE recipients SET lease_until = NULL WHERE message_id = ? AND idx = ?",
                        dropped)
@@ -136,6 +143,16 @@ def _record(
 ) -> Recorded:
     """Write results and history; delete the message once no recipient is pending. On
     REMOVED the caller removes the body file; a message deleted meanwhile stays gone."""
+    if all(update.result.outcome is not Outcome.DEFERRED for update in updates):
+        # Every result is final: when no other recipient is pending, the message leaves the
+        # queue at once, without first writing rows that its deletion removes again (the
+        # usual case, and the most frequent write of the queue manager).
+        pending = db.execute(
+            f"SELECT idx FROM recipients WHERE message_id = ? AND status IN {_PENDING}",
+            (queue_id,)).fetchall()
+        if {idx for (idx,) in pending} <= {update.index for update in updates}:
+            deleted = db.execute("DELETE FROM messages WHERE id = ?", (queue_id,)).rowcount
+            return Recorded.REMOVED if deleted else Recorded.VANISHED  # cascades
     if db.execute("SELECT 1 FROM messages WHERE id = ?", (queue_id,)).fetchone() is None:
         # `relayhubctl queue delete` ran during the attempt: nothing left to record.
         return Recorded.VANISHED

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -159,6 +161,7 @@ class SQLiteQueueStore(QueueStore):
         self.directory = Path(state_dir) / "queue"
         self.db_path = self.directory / "queue.db"
         self.bodies = self.directory / "bodies"
+        self._bodies_prefix = f"{self.bodies}{os.sep}"
         self.stats = QueueStats()
         self._reactor = reactor
         self._busy_timeout = busy_timeout
@@ -186,6 +189,10 @@ class SQLiteQueueStore(QueueStore):
         self._records: list[tuple[str, Sequence[RecipientUpdate], float,
                                   Deferred[Recorded]]] = []
         self._recording = False
+        # Calls waiting for the database thread, and whether a run of them is under way
+        # (see _call).
+        self._calls: deque[tuple[Callable[[], Any], Deferred[Any]]] = deque()
+        self._draining = False
         self._writing = False
         self._idle_waiters: list[Deferred[None]] = []
         # Worker-thread only:
@@ -229,7 +236,7 @@ class SQLiteQueueStore(QueueStore):
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         idle: Deferred[None] = Deferred()
-        if self._writing or self._syncing:
+        if self._writing or self._syncing or self._draining:
             self._idle_waiters.append(idle)
         else:
             idle.callback(None)
@@ -384,7 +391,7 @@ class SQLiteQueueStore(QueueStore):
         self._notify_idle()
 
     def _notify_idle(self) -> None:
-        if not self._writing and not self._syncing:
+        if not self._writing and not self._syncing and not self._draining:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -557,7 +564,7 @@ class SQLiteQueueStore(QueueStore):
     def body_path(self, queue_id: str) -> str:
         if not is_queue_id(queue_id):
             raise ValueError(f"not a queue ID: {queue_id!r}")
-        return str(self.bodies / queue_id)
+        return self._bodies_prefix + queue_id  # called per message: no Path objects
 
     def _load(self, queue_id: str | None) -> list[StoredMessage]:
         if queue_id:
@@ -611,9 +618,14 @@ class SQLiteQueueStore(QueueStore):
     def claim_due(self, now: float, limit: int, lease: float) -> Deferred[list[DueWork]]:
         def claim() -> list[DueWork]:
             claimed = scheduling.claim_due(self._db, now, limit, lease)
+            if not claimed:
+                return []
+            # Every claimed message in one read, not one transaction per message.
+            loaded = {message.queue_id: message for message in self._load_where(
+                "id IN (SELECT value FROM json_each(:ids))", {"ids": json.dumps(list(claimed))})}
             work = []
             for queue_id, indexes in claimed.items():
-                for message in self._load(queue_id):
+                if (message := loaded.get(queue_id)) is not None:  # not deleted meanwhile
                     leased = tuple(r for r in message.recipients if r.index in indexes)
                     work.append(DueWork(message, leased))
             return work
@@ -655,9 +667,7 @@ class SQLiteQueueStore(QueueStore):
         def written(result: list[Recorded] | Failure) -> None:
             self._recording = False
             if not isinstance(result, Failure):
-                # After the commit (a crash in between leaves an orphan, not a lost row),
-                # and not on the database thread: unlinking is slow enough to hold up the
-                # next batch of results.
+                # After the commit (a crash in between leaves an orphan, not a lost row).
                 self._remove_bodies([queue_id for (queue_id, *_), outcome
                                      in zip(batch, result, strict=True)
                                      if outcome is Recorded.REMOVED])
@@ -677,9 +687,12 @@ class SQLiteQueueStore(QueueStore):
 
         def remove() -> None:
             for queue_id in queue_ids:
-                spool.remove(self.bodies / queue_id)
+                spool.remove(self._bodies_prefix + queue_id)
 
-        deferToThreadPool(self._reactor, self._sync_pool, remove).addErrback(
+        # On the database thread, in its next run with the calls waiting by then: a thread
+        # of its own would be one more wake-up per batch, which costs more CPU than the
+        # unlinks themselves.
+        self._call(remove).addErrback(
             lambda failure: self.log.failure("cannot remove delivered bodies", failure))
 
     # -- for relayhubctl ------------------------------------------------------------------
@@ -720,12 +733,52 @@ class SQLiteQueueStore(QueueStore):
         return self._call(lambda: scheduling.summary(self._db, now))
 
     def _call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run `fn(*args)` on the database thread, after every call made before it.
+
+        Calls made while a run of them is under way go together in the next run: one
+        thread hop and one wake-up of the reactor for all of them, not one each (the queue
+        manager makes several calls per message, nearly always while another is running).
+        """
         # _retry_busy re-runs `fn` whole, so each one must be a complete transaction.
         if not self._ready:
             return fail(QueueStateError("queue store is not open"))
-        return deferToThreadPool(
-            self._reactor, self._pool, self._retry_busy, lambda: fn(*args)
-        )
+        done: Deferred[T] = Deferred()
+        self._calls.append((lambda: fn(*args), done))
+        if not self._draining:
+            self._drain()
+        return done
+
+    def _drain(self) -> None:
+        self._draining = True
+        # Only the calls made so far: later ones wait for the next run, so that the results
+        # of these come back without waiting for calls that keep arriving.
+        calls = [self._calls.popleft() for _ in range(len(self._calls))]
+        ran = deferToThreadPool(self._reactor, self._pool, self._run_calls,
+                                [call for call, _ in calls])
+        ran.addBoth(self._drained, [done for _, done in calls])
+
+    def _run_calls(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """Database thread: each call in turn, its result or its Failure."""
+        results: list[Any] = []
+        for call in calls:
+            try:
+                results.append(self._retry_busy(call))
+            except BaseException:
+                results.append(Failure())
+        return results
+
+    def _drained(self, results: list[Any] | Failure, waiting: list[Deferred[Any]]) -> None:
+        # Calls made by these callbacks join the next run rather than each starting one.
+        for done, result in zip(waiting, _each(results, len(waiting)), strict=True):
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(result)
+        if self._calls:
+            self._drain()
+        else:
+            self._draining = False
+            self._notify_idle()
 
 
 def _prepared(job: _Job) -> _Job:
@@ -746,6 +799,6 @@ def _valid(selection: Selection) -> Selection:
     return replace(selection, queue_ids=tuple(q for q in selection.queue_ids if is_queue_id(q)))
 
 
-def _each(result: list[Recorded] | Failure, count: int) -> list[Recorded | Failure]:
+def _each(result: Sequence[T] | Failure, count: int) -> list[T | Failure]:
     """A batch's outcomes, one per record: a failed batch fails every record in it."""
     return [result] * count if isinstance(result, Failure) else list(result)

@@ -123,6 +123,10 @@ class MessageSource(TypingProtocol):
     def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
         """One result per recipient of `message`, as soon as they are known."""
 
+    def untaken(self, message: OutboundMessage) -> None:
+        """`message` was handed over but not attempted: the connection had been closed
+        meanwhile (by the server, while the session waited for work). It ends the session."""
+
 
 @dataclass(frozen=True)
 class SessionEnd:
@@ -511,6 +515,7 @@ class _Session:
     verified: str = "none"
     over: _SessionOver | None = None
     needs_rset: bool = False
+    carried: int = 0  # messages attempted
 
     async def run(self, source: MessageSource) -> SessionEnd:
         """Open the session, then send what `source` hands over until it has no more or
@@ -524,6 +529,14 @@ class _Session:
             message = await source.next()
             if message is None:
                 break
+            if self.protocol.trouble is not None and self.carried:
+                # Closed while waiting for this message (a server's idle timeout): another
+                # session takes it, without an attempt and a deferral here. Not for the
+                # first message: a server that always closes would be reconnected to for
+                # ever; that one is attempted, and deferred, as before.
+                source.untaken(message)
+                break
+            self.carried += 1
             source.done(message, await self._message(message))
         if self.protocol.trouble is None and not (self.over and self.over.closing):
             self.protocol.send("QUIT")
@@ -779,6 +792,9 @@ class _ListSource:
 
     def done(self, message: OutboundMessage, results: list[AttemptResult]) -> None:
         self.results[self._index[id(message)]] = results
+
+    def untaken(self, message: OutboundMessage) -> None:
+        self.pending.insert(0, message)  # deferred by deliver_session with the others
 
 
 def deliver_session(reactor: Any, *, host: str, address: str, port: int,
