@@ -14,10 +14,10 @@ ArgumentList: TypeAlias = list[tuple[bytes, amp.Argument]]
 
 
 class NewMail(amp.Command):
-    """Worker → master: a message was queued (after its 250); the master wakes the queue
-    manager, so delivery starts at once instead of at its next scan."""
+    """Worker → master: mail was queued (after its 250; one for the messages of a short
+    interval under load); the master wakes the queue manager, so delivery starts at once
+    instead of at its next scan."""
 
-    arguments: ClassVar[ArgumentList] = [(b"queue_id", amp.Unicode())]
     requiresAnswer = False
 
 

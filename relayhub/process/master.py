@@ -82,7 +82,7 @@ class _ChildLocator(amp.CommandLocator):
         return {}
 
     @commands.NewMail.responder
-    def new_mail(self, queue_id: str) -> dict[str, str]:
+    def new_mail(self) -> dict[str, str]:
         self.master.wake()
         return {}
 

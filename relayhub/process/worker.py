@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -29,6 +30,43 @@ _LOG = Logger(namespace="relayhub.worker")
 DRAIN_POLL = 0.2
 # How often the count of trusted sessions reaches the master (when it changed).
 SESSION_REPORT_INTERVAL = 1.0
+# Under load, new mail reaches the master at most this often: one NewMail (and one wake of
+# the queue manager) for the messages of each interval, not one per message, whose AMP
+# round through the master cost a few percent of every process. The first message after a
+# quiet interval goes at once, so mail that arrives alone is not delayed.
+NEW_MAIL_INTERVAL = 0.01
+
+
+class Coalesced:
+    """Calls `notify` at once, then at most once per `interval` while calls keep coming
+    (the calls of an interval become one at its end)."""
+
+    def __init__(self, notify: Callable[[], object], interval: float, reactor: Any) -> None:
+        self._notify, self._interval, self._reactor = notify, interval, reactor
+        self._timer: Any = None
+        self._pending = False
+
+    def __call__(self) -> None:
+        if self._timer is None:
+            self._notify()
+            self._timer = self._reactor.callLater(self._interval, self._tick)
+        else:
+            self._pending = True
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._pending:
+            self._pending = False
+            self()
+
+    def flush(self) -> None:
+        """Send what is pending now, and nothing later (the worker is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._pending = False
+            self._notify()
 
 
 class MasterAdmission:
@@ -112,6 +150,7 @@ class WorkerProcess(MultiService):
         self.ports: list[Any] = []
         self.tls_options: Any = None
         self._report_sessions: task.LoopingCall | None = None
+        self.new_mail: Coalesced | None = None
 
     def startService(self) -> None:
         channel = child.connect_master(self.reactor, self.locator)
@@ -126,10 +165,11 @@ class WorkerProcess(MultiService):
             # without STARTTLS (and so without AUTH, unless plaintext is allowed) is safe.
             _LOG.error("TLS is off: {source}: {problem}", source=self.settings.source,
                        problem=str(error))
+        new_mail = self.new_mail = Coalesced(
+            lambda: channel.callRemote(commands.NewMail), NEW_MAIL_INTERVAL, self.reactor)
         self.smtp = SMTPService(
             self.settings, self.store, self.directory, self.reactor, admission=admission,
-            on_queued=lambda queue_id: channel.callRemote(commands.NewMail, queue_id=queue_id),
-            tls_options=self.tls_options)
+            on_queued=lambda queue_id: new_mail(), tls_options=self.tls_options)
 
         def pop3_session(address: str, opened: bool) -> None:
             # Counted by the master for `status`; POP3 has no cross-worker limit of its own.
@@ -191,8 +231,13 @@ class WorkerProcess(MultiService):
         stopped.addCallback(lambda _: defer.Deferred.fromCoroutine(
             self._drain(self.settings.server.shutdown_grace)))
         stopped.addCallback(lambda _: super(WorkerProcess, self).stopService())
+        stopped.addCallback(self._flush_new_mail)
         stopped.addCallback(lambda _: self.locator.report_final())
         return stopped.addCallback(lambda _: self.store.close())
+
+    def _flush_new_mail(self, _: object = None) -> None:
+        if self.new_mail is not None:
+            self.new_mail.flush()
 
     async def _drain(self, grace: float) -> None:
         deadline = self.reactor.seconds() + grace

@@ -28,8 +28,13 @@ def new_queue_id(now: float, rng: random.Random) -> str:
         digits.append(ALPHABET[digit])
     if micros:
         raise ValueError(f"time too far in the future: {now!r}")
-    suffix = "".join(rng.choice(ALPHABET) for _ in range(RANDOM_WIDTH))
-    return "".join(reversed(digits)) + suffix
+    # One draw for the whole suffix: a SystemRandom reads the kernel's generator per draw.
+    number = rng.randrange(62 ** RANDOM_WIDTH)
+    suffix: list[str] = []
+    for _ in range(RANDOM_WIDTH):
+        number, digit = divmod(number, 62)
+        suffix.append(ALPHABET[digit])
+    return "".join(reversed(digits)) + "".join(suffix)
 
 
 def is_queue_id(text: str) -> bool:
