@@ -58,6 +58,7 @@ DEFAULT_HEADERS = (
 )
 # Signed once more than they occur, so that none can be added later (RFC 6376 §8.15).
 OVERSIGNED = frozenset({"from"})
+_OVERSIGNED_BYTES = frozenset(name.encode() for name in OVERSIGNED)
 # Fields that change in transit or must not be signed (RFC 6376 §5.4; dkimpy refuses them).
 NEVER_SIGNED = frozenset(name.decode() for name in dkim.DKIM.SHOULD_NOT)
 HEADER_LIMIT = 256 * 1024  # as relayhub.smtp.headers.HEADER_PREFIX_LIMIT: bigger is not signed
@@ -70,6 +71,10 @@ _WSP_RUN = re.compile(rb"[ \t]{2,}|\t")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
 _HEADER_NAME_BYTES = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _FIELD_START = re.compile(rb"\r\n(?![ \t])")  # a line not starting with white space
+_PLAIN_FROM = re.compile(  # conservative: letters, digits and the common punctuation
+    r"[ \t]*(?:(?:\"[^\"\\]*\"[ \t]*|[A-Za-z0-9 \t.'_-]*)<[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+"
+    r"@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>|[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+"
+    r"@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*))[ \t]*")
 _SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}"
                        r"[a-z0-9])?)*")
 
@@ -201,8 +206,11 @@ class SigningKey:
     # Ed25519 signs with libsodium (PyNaCl, which dkimpy uses to verify it too): 3x faster
     # than OpenSSL's Ed25519 here (23 against 76 us). Made once, with the key.
     _sodium: nacl.signing.SigningKey | None = field(init=False, repr=False, compare=False)
+    # `headers` as signed_names wants them, made once rather than per message.
+    wanted: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "wanted", wanted_names(self.headers))
         sodium = None
         if isinstance(self.key, ed25519.Ed25519PrivateKey):
             sodium = nacl.signing.SigningKey(self.key.private_bytes(
@@ -344,6 +352,11 @@ def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     if len(values) != 1:
         return None
     text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "surrogateescape"))
+    # The usual shapes (`Name <a@b>`, `"Name" <a@b>`, `a@b`) without the RFC 5322 parser,
+    # which costs more than the signature itself; anything else goes to the parser.
+    plain = _PLAIN_FROM.fullmatch(text)
+    if plain is not None:
+        return (plain.group(1) or plain.group(2)).lower()
     addresses = [address for _name, address in getaddresses([text]) if "@" in address]
     return addresses[0].rpartition("@")[2].lower() if addresses else None
 
@@ -371,11 +384,17 @@ def relaxed_field(name: bytes, value: bytes) -> bytes:
     return name.lower().rstrip() + b":" + value.strip()
 
 
-def signed_names(headers: Sequence[tuple[bytes, bytes]], wanted: Sequence[str]) -> list[bytes]:
+def signed_names(headers: Sequence[tuple[bytes, bytes]], wanted: Iterable[str] | frozenset[bytes]
+                 ) -> list[bytes]:
     """The h= list: each wanted field as often as it occurs, oversigned ones once more."""
-    chosen = {name.lower().encode() for name in wanted}
-    present = [name.lower() for name, _value in headers if name.lower() in chosen]
-    return present + [name for name in present if name.decode() in OVERSIGNED]
+    chosen = wanted if isinstance(wanted, frozenset) else wanted_names(wanted)
+    present = [lowered for name, _value in headers if (lowered := name.lower()) in chosen]
+    return present + [name for name in present if name in _OVERSIGNED_BYTES]
+
+
+def wanted_names(headers: Iterable[str]) -> frozenset[bytes]:
+    """Configured header names as signed_names compares them."""
+    return frozenset(name.lower().encode() for name in headers)
 
 
 def header_hash_input(headers: Sequence[tuple[bytes, bytes]], names: Sequence[bytes],
@@ -384,9 +403,10 @@ def header_hash_input(headers: Sequence[tuple[bytes, bytes]], names: Sequence[by
     bottom up (RFC 6376 §5.4.2; a name listed more often than present adds nothing), then
     the DKIM-Signature field itself with an empty b= and no final CRLF (§3.7)."""
     remaining: dict[bytes, list[bytes]] = {}
+    listed = set(names)
     for name, value in headers:
         lowered = name.lower()
-        if lowered in names:
+        if lowered in listed:
             remaining.setdefault(lowered, []).append(relaxed_field(name, value))
     lines = [remaining[n].pop() for n in names if remaining.get(n)]
     lines.append(relaxed_field(FIELD_NAME, b" " + unsigned))
@@ -397,7 +417,7 @@ def signature_field(key: SigningKey, domain: str, headers: Sequence[tuple[bytes,
                     body_hash: bytes, now: float) -> bytes:
     """The folded DKIM-Signature field (with its CRLF) over `headers` and the body hash,
     laid out as dkimpy's DKIM.gen_header lays it out."""
-    names = signed_names(headers, key.headers)
+    names = signed_names(headers, key.wanted)
     fields = [
         (b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
         (b"d", domain.encode()), (b"s", key.selector.encode()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,21 @@ def test_most_specific_domain_chooses(keys: dict[str, Path]) -> None:
 def test_from_domain(header: bytes, expected: str | None) -> None:
     headers = [(bytes(n), bytes(v)) for n, v in dkim.rfc822_parse(header + b"\r\n")[0]]
     assert rdkim.from_domain(headers) == expected
+
+
+FROM_TOKENS = st.sampled_from(["a", "b.example", "@", "<", ">", '"', " ", ",", "(", ")",
+                                "Sales", ":", ";", "\\", "\t", "x@y.example", "."])
+
+
+@given(st.lists(FROM_TOKENS, max_size=12).map("".join))
+def test_from_domain_fast_path_agrees_with_the_rfc5322_parser(value: str) -> None:
+    """The shortcut for the usual From: shapes gives what email.utils' parser gives."""
+    parsed = [a for _n, a in getaddresses([value]) if "@" in a]
+    expected = parsed[0].rpartition("@")[2].lower() if parsed else None
+    plain = rdkim._PLAIN_FROM.fullmatch(value)
+    if plain is not None:
+        assert (plain.group(1) or plain.group(2)).lower() == expected
+    assert rdkim.from_domain([(b"From", value.encode() + b"\r\n")]) == expected
 
 
 def test_not_signed_without_a_key_for_the_domain(keys: dict[str, Path]) -> None:
