@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from hubprocess import Hub, SMTPConnection
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayhub.errors import SyntaxErrorReply
 from relayhub.smtp.bdat import ChunkedBody, ChunkReader, parse_bdat
@@ -55,6 +57,30 @@ def test_body_keeps_dots_and_any_split_of_crlf() -> None:
 @pytest.mark.parametrize("chunks", [[b"a\nb\r\n"], [b"a\r"], [b"a\r", b"b\r\n"], [b"\n"]])
 def test_bare_line_ends_are_refused(chunks: list[bytes]) -> None:
     assert body(chunks)[1].defects.bare_newline
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"xxxx", b"\r\n.\r\n"]),
+                max_size=40), st.lists(st.integers(1, 9), max_size=8), st.booleans())
+def test_any_chunking_gives_the_definition(pieces: list[bytes], cuts: list[int],
+                                           normalize: bool) -> None:
+    """Whole CRLF blocks (taken at C speed) and the per-line path agree with the definition:
+    every line end CRLF (or a bare one refused), a final CRLF added, lines over the limit
+    flagged; however the message is cut into chunks."""
+    data = b"".join(pieces)
+    chunks, position = [], 0
+    for cut in cuts:
+        chunks.append(data[position:position + cut])
+        position += cut
+    chunks.append(data[position:])
+    got, checked = body(chunks, max_line_length=6, normalize_bare_newlines=normalize)
+    lines = re.split(rb"\r\n|\r|\n", data)
+    bare = len(re.findall(rb"\r\n|\r|\n", data)) != data.count(b"\r\n")
+    assert checked.defects.bare_newline == (bare and not normalize)
+    assert checked.defects.line_too_long == any(len(line) > 6 for line in lines)
+    if not checked.defects.any:
+        expected = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+        assert got == (expected if not expected or expected.endswith(b"\r\n")
+                       else expected + b"\r\n")
 
 
 def test_bare_line_ends_normalised_when_asked() -> None:

@@ -14,7 +14,8 @@ import re
 from collections.abc import Callable
 
 from relayhub.errors import SyntaxErrorReply
-from relayhub.smtp.data import BodyDefects
+from relayhub.smtp.data import BodyDefects, clean_lines_end, has_long_line
+from relayhub.smtp.encoder import LineEndEncoder
 
 _CR, _LF = 0x0D, 0x0A
 _CRLF = b"\r\n"
@@ -86,7 +87,18 @@ class ChunkedBody:
                 pos = 1
             else:
                 self._bare(out)
+        careful_until = 0  # as in DataReader: past a bare CR/LF, the per-line loop
         while pos < end:
+            if self._line_length == 0 and pos >= careful_until:
+                block_end = clean_lines_end(data, pos)
+                if block_end > pos:
+                    block = data[pos:block_end]
+                    if has_long_line(block, self._max_line_length):
+                        self.defects.line_too_long = True
+                    out.append(block)
+                    pos = block_end
+                    continue
+                careful_until = data.rfind(_CRLF, pos) + 2
             match = _LINE_END.search(data, pos)
             stop = match.start() if match else end
             if stop > pos:
@@ -140,28 +152,7 @@ class ChunkedBody:
         self._sink(chunk)
 
 
-class ChunkEncoder:
-    """Outbound: body bytes → BDAT chunk contents. No dot-stuffing (a chunk is counted, not
-    delimited); line ends still become CRLF and the message ends with one, so a bare CR or
-    LF never leaves the hub whatever the queue holds. Independent of how it is split."""
+# Outbound, a chunk is counted, not delimited: no dot-stuffing, but line ends still become
+# CRLF and the message ends with one, so a bare CR or LF never leaves the hub.
+ChunkEncoder = LineEndEncoder
 
-    def __init__(self) -> None:
-        self._after_cr = False  # the last input byte was a CR, already sent as CRLF
-        self._at_line_start = True
-
-    def encode(self, chunk: bytes) -> bytes:
-        if self._after_cr and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        if not chunk:
-            return b""
-        self._after_cr = chunk.endswith(b"\r")
-        out = _WIRE_LINE_END.sub(_CRLF, chunk)
-        self._at_line_start = out.endswith(_CRLF)
-        return out
-
-    def finish(self) -> bytes:
-        """What ends the last chunk: CRLF if the last line lacked one."""
-        return b"" if self._at_line_start else _CRLF
-
-
-_WIRE_LINE_END = re.compile(rb"\r\n|\r|\n")

@@ -13,16 +13,14 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CRLF = b"\r\n"
 
 
-class DotStuffer:
-    """Turns body chunks into wire bytes: every line end becomes CRLF, a leading "." is doubled.
-
-    The output does not depend on how the body is split into chunks, and nothing is held back:
-    a CR at the end of a chunk is sent as CRLF at once and an LF that starts the next chunk is
-    then swallowed as the rest of that same line end.
-    """
+class LineEndEncoder:
+    """Turns body chunks into bytes whose every line end is CRLF, the same however the body
+    is split: nothing is held back, a CR at the end of a chunk is sent as CRLF at once and
+    an LF that starts the next chunk is then swallowed as the rest of that same line end.
+    A CRLF-only chunk (as every stored body is) passes without being rewritten."""
 
     def __init__(self) -> None:
-        self._at_line_start = True  # the next byte begins a line (true before the first)
+        self.at_line_start = True  # the next byte begins a line (true before the first)
         self._after_cr = False  # the last input byte was a CR, already sent as CRLF
 
     def encode(self, chunk: bytes) -> bytes:
@@ -33,16 +31,33 @@ class DotStuffer:
         self._after_cr = chunk.endswith(b"\r")
         line_ends = chunk.count(_CRLF)
         if chunk.count(b"\r") == line_ends and chunk.count(b"\n") == line_ends:
-            out = chunk  # CRLF only, as every stored body is: no rewriting of line ends
+            out = chunk
         else:
             out = _LINE_END.sub(_CRLF, chunk)
+        self.at_line_start = out.endswith(_CRLF)
+        return out
+
+    def finish(self) -> bytes:
+        """A CRLF if the last line lacked one (BDAT: what ends the last chunk)."""
+        return b"" if self.at_line_start else _CRLF
+
+
+class DotStuffer:
+    """Turns body chunks into DATA wire bytes: LineEndEncoder's CRLF line ends, and a
+    leading "." doubled on every line, with the line-start state carried across chunks."""
+
+    def __init__(self) -> None:
+        self._lines = LineEndEncoder()
+
+    def encode(self, chunk: bytes) -> bytes:
+        at_line_start = self._lines.at_line_start
+        out = self._lines.encode(chunk)
         if b"\r\n." in out:
             out = out.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and out.startswith(b"."):
+        if at_line_start and out.startswith(b"."):
             out = b"." + out
-        self._at_line_start = out.endswith(_CRLF)
         return out
 
     def finish(self) -> bytes:
         """The end of the data: a CRLF if the last line lacked one, then ".\\r\\n"."""
-        return b".\r\n" if self._at_line_start else b"\r\n.\r\n"
+        return b".\r\n" if self._lines.at_line_start else b"\r\n.\r\n"
