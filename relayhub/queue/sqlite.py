@@ -56,7 +56,8 @@ LOCK_WAIT_MAX = 0.004
 # A lock held longer than busy_timeout is logged; this many times longer fails the call.
 LOCK_PATIENCE = 8
 BODY_SYNC_THREADS = 4
-# Bodies from this size on are flushed on the sync pool, in parallel, as soon as DATA ends.
+# Bodies from this size on join a batch only once flushed (a small one joins at once and
+# its batch waits for the flush: a reply hop through the reactor cost it more than it saved).
 PARALLEL_SYNC_MIN = 64 * 1024
 ID_ATTEMPTS = 10
 
@@ -168,15 +169,11 @@ class SQLiteQueueStore(QueueStore):
         self._pool = ThreadPool(1, 1, name=f"relayhub-queue:{self.directory}")
         # Body fsyncs run here, several at once and as soon as each DATA ends, rather than
         # one after another on the database thread: a disk absorbs parallel flushes far
-        # better, and the next batch's bodies are durable while this batch commits.
-        self._sync_pool = ThreadPool(1, BODY_SYNC_THREADS,
-                                     name=f"relayhub-queue-sync:{self.directory}")
-        self._syncing = 0  # bodies being fsync'd, not yet handed to a batch
-        # Small bodies are fsync'd here, also at once and in parallel, but their batch waits
-        # for them on the database thread instead of a reply through the reactor: for a
-        # 4 KB message that hop cost more than the parallel flush saved.
-        self._flushers = ThreadPoolExecutor(BODY_SYNC_THREADS,
-                                            thread_name_prefix="relayhub-queue-flush")
+        # better, and the next batch's bodies are durable while this batch commits. A small
+        # body's batch waits for its flush on the database thread; a large one joins a batch
+        # only once flushed (see _sync_then_enqueue). Made by open().
+        self._flushers: ThreadPoolExecutor | None = None
+        self._syncing = 0  # large bodies being fsync'd, not yet handed to a batch
         # SystemRandom: a forked process must not repeat its parent's ID suffixes.
         self._rng = random.SystemRandom()
         self._ready = False
@@ -205,7 +202,8 @@ class SQLiteQueueStore(QueueStore):
         if self._pool.started:
             return fail(QueueStateError("queue store already open"))
         self._pool.start()
-        self._sync_pool.start()
+        self._flushers = ThreadPoolExecutor(BODY_SYNC_THREADS,
+                                            thread_name_prefix="relayhub-queue-flush")
 
         def opened(_: None) -> None:
             self._ready = True
@@ -215,8 +213,7 @@ class SQLiteQueueStore(QueueStore):
                 )
 
         def failed(reason: Failure) -> Failure:
-            self._pool.stop()
-            self._sync_pool.stop()
+            self._stop_threads()
             return reason
 
         d = deferToThreadPool(self._reactor, self._pool, self._open_sync)
@@ -228,8 +225,7 @@ class SQLiteQueueStore(QueueStore):
             if self._pool.started:
                 # Closed while still opening (the process is stopping early): the worker
                 # thread must go too, or it keeps the process alive after the reactor.
-                self._pool.stop()
-                self._sync_pool.stop()
+                self._stop_threads()
             return succeed(None)
         self._ready = False
         if self._shutdown_trigger is not None:
@@ -245,14 +241,18 @@ class SQLiteQueueStore(QueueStore):
             return deferToThreadPool(self._reactor, self._pool, self._close_sync)
 
         def stop_pool(result: object) -> object:
-            self._pool.stop()  # the worker is idle by now, so this join is immediate
-            self._sync_pool.stop()
-            self._flushers.shutdown(wait=False)  # every flush was waited for by its batch
+            self._stop_threads()  # idle by now: every flush was waited for by its batch
             return result
 
         idle.addCallback(release)
         idle.addBoth(stop_pool)
         return idle
+
+    def _stop_threads(self) -> None:
+        self._pool.stop()
+        if self._flushers is not None:
+            self._flushers.shutdown(wait=False)
+            self._flushers = None
 
     def _on_shutdown(self) -> Deferred[None]:
         self._shutdown_trigger = None
@@ -308,13 +308,16 @@ class SQLiteQueueStore(QueueStore):
         raise TemporaryFailure()
 
     def _sync_then_enqueue(self, job: _Job) -> Deferred[None]:
-        """fsync and close the body on the sync pool, then join the next database batch."""
-        if not self._ready:
+        """fsync and close the body on a flusher thread, and join the next database batch:
+        a small body at once (its batch waits for the flush), a large one once flushed."""
+        if not self._ready or self._flushers is None:
             return self._enqueue(job)
         if job.size < PARALLEL_SYNC_MIN:
             return self._enqueue(replace(job, flushed=self._flushers.submit(_flushed, job)))
         self._syncing += 1
-        synced: Deferred[Any] = deferToThreadPool(self._reactor, self._sync_pool, _prepared, job)
+        synced: Deferred[_Job] = Deferred()
+        self._flushers.submit(_prepared, job).add_done_callback(
+            lambda done: self._reactor.callFromThread(_settle, synced, done))
 
         def enqueue(result: _Job | Failure) -> Deferred[None]:
             self._syncing -= 1
@@ -402,7 +405,7 @@ class SQLiteQueueStore(QueueStore):
         identities: dict[int, spool.FileIdentity] = {}
         for i, job in enumerate(jobs):
             try:
-                # Flushed on a flusher thread (small) or already on the sync pool (large); a
+                # Flushed on a flusher thread: being (small) or already (large); a
                 # job enqueued while the store was closing is flushed here.
                 if job.flushed is not None:
                     identities[i] = job.flushed.result()
@@ -781,8 +784,17 @@ class SQLiteQueueStore(QueueStore):
             self._notify_idle()
 
 
+def _settle(result: Deferred[T], done: Future[T]) -> None:
+    """Reactor thread: fire `result` as the flusher's `done` ended."""
+    error = done.exception()
+    if error is None:
+        result.callback(done.result())
+    else:
+        result.errback(Failure(error))
+
+
 def _prepared(job: _Job) -> _Job:
-    """Sync pool thread: the body completed, fsync'd and closed; the job now knows which
+    """Flusher thread: the body completed, fsync'd and closed; the job now knows which
     file it was."""
     return replace(job, identity=_flushed(job), rest=b"", front=b"")
 
