@@ -28,10 +28,21 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
 
 
+# Ports this test run has given out already. The kernel may give a closed probe's port to
+# the next probe, and a hub's listeners bind with SO_REUSEPORT: two of them on one port
+# would share its connections (POP3S answering in plaintext, one time in thousands).
+PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nobody listens on, never the same one twice in this test run."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port not in PORTS_HANDED_OUT:
+            PORTS_HANDED_OUT.add(port)
+            return port
 
 
 def toml_value(value: Any) -> str:

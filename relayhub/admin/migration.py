@@ -15,6 +15,10 @@ from relayhub.admin.queue_cmd import DaemonUnreachable, ask_daemon, say_error
 from relayhub.config import Settings
 
 
+class MoveStopped(Exception):
+    """The move failed after both sides were open (MigrationError is for opening them)."""
+
+
 async def queue_migrate(reactor: Any, settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: psycopg is loaded only by the commands that need it.
     from relayhub.queue import migrate
@@ -27,28 +31,32 @@ async def queue_migrate(reactor: Any, settings: Settings, args: argparse.Namespa
         say_error("relayhub is running: stop it before moving its queue")
         return EXIT_FAILED
     queue = settings.queue
-    try:
-        source, target = await threads.deferToThread(
-            migrate.open_sides, queue.backend, settings.server.state_dir, queue.dsn,
-            settings.server.hostname, args.to, args.all_hubs)
-    except migrate.MigrationError as problem:
-        say_error(str(problem))
-        return EXIT_FAILED
 
-    def move() -> int:
+    def open_and_move() -> tuple[int, str, str]:
+        # One thread call for both steps: an SQLite connection may only be used by the
+        # thread that opened it, and the reactor's pool hands out any of its threads.
+        source, target = migrate.open_sides(
+            queue.backend, settings.server.state_dir, queue.dsn, settings.server.hostname,
+            args.to, args.all_hubs)
         try:
-            return migrate.move(source, target, lambda line: print(line, flush=True))
+            moved = migrate.move(source, target, lambda line: print(line, flush=True))
+        except Exception as problem:
+            raise MoveStopped(str(problem).strip()) from problem
         finally:
             source.close()
             target.close()
+        return moved, source.name, target.name
 
     try:
-        moved = await threads.deferToThread(move)
-    except Exception as problem:
-        say_error(f"the move stopped: {str(problem).strip()}; run the command again to finish")
+        moved, source_name, target_name = await threads.deferToThread(open_and_move)
+    except migrate.MigrationError as problem:
+        say_error(str(problem))
+        return EXIT_FAILED
+    except MoveStopped as problem:
+        say_error(f"the move stopped: {problem}; run the command again to finish")
         return EXIT_FAILED
     other = "sqlite" if queue.backend == "postgresql" else "postgresql"
-    print(f"moved {moved} message{'s' * (moved != 1)} from {source.name} to {target.name}; "
+    print(f"moved {moved} message{'s' * (moved != 1)} from {source_name} to {target_name}; "
           f'set [queue] backend = "{other}" before starting relayhub')
     return EXIT_OK
 
