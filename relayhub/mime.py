@@ -69,6 +69,72 @@ def _scan(chunks: Iterable[bytes]) -> BodyTraits:
     return BodyTraits(has_8bit, max(longest, current))
 
 
+class BodyMeter:
+    """Measures a body as it is written, chunk by chunk in any split, for the queue to record
+    beside it: its `BodyTraits`, provided every line end in it is a CRLF. Then the queue
+    manager needs no scan of its own before sending it (see relayhub.delivery.relay).
+
+    Each chunk costs a few C-speed passes (`isascii`, a split at CRLF, a join and two
+    `memchr`s), no Python step per line.
+    """
+
+    def __init__(self) -> None:
+        self._has_8bit = False
+        self._longest = 0
+        self._current = 0  # octets of the line not yet ended
+        self._cr_pending = False  # the last chunk ended in a CR: its LF may start the next
+        self._crlf_only = True
+
+    def update(self, data: bytes) -> None:
+        if not data or not self._crlf_only:
+            return
+        if not self._has_8bit and not data.isascii():
+            self._has_8bit = True
+        if self._cr_pending:
+            self._cr_pending = False
+            if data[:1] != b"\n":
+                self._crlf_only = False  # a bare CR
+                return
+            self._end_line(0)
+            data = data[1:]
+        if data.endswith(b"\r"):
+            self._cr_pending = True
+            data = data[:-1]
+        pieces = data.split(b"\r\n")
+        # Any CR or LF left between the CRLFs is a bare one.
+        rest = b"".join(pieces) if len(pieces) > 1 else data
+        if b"\r" in rest or b"\n" in rest:
+            self._crlf_only = False
+            return
+        if len(pieces) > 1:
+            self._end_line(len(pieces[0]))
+            # The last piece is a line not yet ended: counting its start here is harmless,
+            # since the whole line is at least as long.
+            self._longest = max(self._longest, max(map(len, pieces)))
+        self._current += len(pieces[-1])
+
+    def _end_line(self, more: int) -> None:
+        self._longest = max(self._longest, self._current + more)
+        self._current = 0
+
+    def prepend(self, data: bytes) -> None:
+        """`data` (whole CRLF lines: header fields) goes in front of the body."""
+        front = BodyMeter()
+        front.update(data)
+        if front.traits() is None or not data.endswith(b"\r\n"):
+            self._crlf_only = False
+            return
+        self._has_8bit = self._has_8bit or front._has_8bit
+        self._longest = max(self._longest, front._longest)
+
+    def traits(self) -> BodyTraits | None:
+        """The body's traits if its line ends are all CRLF, else None (it must be scanned
+        and have its line ends mended before it is sent)."""
+        if not self._crlf_only or self._cr_pending:
+            return None
+        return BodyTraits(self._has_8bit, max(self._longest, self._current))
+
+
 def has_8bit_headers(message: bytes) -> bool:
     """Whether any header section (the message's or a MIME part's) holds 8-bit bytes.
 

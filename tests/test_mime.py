@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from relayhub import mime
 from relayhub.mime import (
+    BodyMeter,
     BodyTraits,
     body_traits,
     decode_for_display,
@@ -204,6 +205,32 @@ def test_body_traits_in_any_chunking_is_the_line_by_line_definition(
         position += cut
     chunks.append(data[position:])
     assert mime._scan(c for c in chunks if c) == BodyTraits(not data.isascii(), longest)
+
+
+@given(st.binary(max_size=300).map(lambda b: b.translate(bytes.maketrans(
+    bytes(range(256)), (b"a\r\n\xff" * 64)))), st.lists(st.integers(0, 40), max_size=10),
+       st.sampled_from([b"", b"DKIM-Signature: v=1;\r\n\tb=xyz\r\n", b"X: \xff\r\n",
+                        b"X: no line end", b"X: bare\n"]))
+def test_body_meter_gives_the_traits_of_crlf_only_bodies_and_nothing_else(
+        data: bytes, cuts: list[int], front: bytes) -> None:
+    """What the queue records at acceptance: `body_traits` of the whole stored body (front
+    fields prepended after the rest was written) when every line end in it is a CRLF, in
+    any chunking; None as soon as there is a bare CR or LF."""
+    meter = BodyMeter()
+    position = 0
+    for cut in cuts:
+        meter.update(data[position:position + cut])
+        position += cut
+    meter.update(data[position:])
+    if front:
+        meter.prepend(front)
+    whole = front + data
+    crlf_only = whole.count(b"\r") == whole.count(b"\n") == whole.count(b"\r\n")
+    # A front without its last CRLF would join the body's first line: not recorded either.
+    expected = (body_traits(whole) if crlf_only and (not front or front.endswith(b"\r\n"))
+                else None)
+    assert meter.traits() == expected
+
 
 
 def test_decode_for_display_still_works() -> None:

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
 
 from relayhub.errors import TemporaryFailure
+from relayhub.mime import BodyTraits
 from relayhub.queue import schema
 from relayhub.queue.ids import is_queue_id, new_queue_id
 from relayhub.queue.sqlite import QueueStateError, SQLiteQueueStore
@@ -156,6 +157,29 @@ def test_prepended_fields_go_in_front_of_the_stored_body(
     assert msg is not None and msg.size == len(front + body)
     if not isinstance(any_store, SQLiteQueueStore):
         assert reactor_thread.run(any_store.body_bytes, queue_id) == front + body
+    # Measured as written, front included: what the queue manager sends by, unscanned.
+    assert msg.traits == BodyTraits(has_8bit=False, longest_line=size)
+
+
+@pytest.mark.parametrize(("body", "traits"), [
+    (b"Subject: caf\xc3\xa9\r\n\r\n" + b"z" * 1200 + b"\r\n", BodyTraits(True, 1200)),
+    (b"Subject: plain\r\n\r\nno line end at the end", BodyTraits(False, 22)),
+    (b"Subject: bare\n\nLF", None),  # not known: the queue manager scans and mends it
+])
+def test_body_traits_are_recorded_with_the_message(
+    reactor_thread: Any, any_store: SQLiteQueueStore, body: bytes, traits: BodyTraits | None
+) -> None:
+    def run() -> Deferred[str]:
+        msg = any_store.incoming()
+        for start in range(0, len(body), 7):  # CRLFs split between writes too
+            msg.write(body[start:start + 7])
+        return msg.commit(ENVELOPE).addCallback(lambda _: msg.queue_id)
+
+    queue_id = reactor_thread.run(run)
+    stored = reactor_thread.run(any_store.get_message, queue_id)
+    assert stored is not None and stored.traits == traits
+    [due] = reactor_thread.run(any_store.claim_due, time.time() + 1, 10, 60.0)
+    assert due.message.traits == traits
 
 
 def test_messages_survive_reopening(reactor_thread: Any, tmp_path: Path) -> None:

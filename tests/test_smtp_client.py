@@ -8,7 +8,7 @@ import re
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import pytest
 from conftest import ReactorThread
@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.smtp.client import (
     ClientProtocol,
+    OutboundBody,
     OutboundMessage,
     OutboundRecipient,
     Reply,
@@ -32,7 +33,7 @@ from relayhub.smtp.client import (
     parse_reply_line,
 )
 from relayhub.smtp.data import DataReader
-from relayhub.smtp.encoder import DotStuffer
+from relayhub.smtp.encoder import DotStuffer, LineEndEncoder
 
 FAST = Timeouts(*([5.0] * 9))
 PLAIN = TLSPolicy("none")
@@ -81,6 +82,22 @@ def test_dot_stuffer_round_trips_through_our_reader(body: bytes, cuts: list[int]
     assert not reader.defects.any
 
 
+@given(st.lists(st.sampled_from([b"\r\n", b".", b"x", b"\r\n.", b".\r\n", b"\xff"]),
+                max_size=40).map(b"".join),
+       st.lists(st.integers(min_value=0, max_value=80), max_size=8))
+def test_a_body_known_to_be_crlf_only_goes_out_the_same_unchecked(body: bytes,
+                                                                 cuts: list[int]) -> None:
+    # crlf_only skips the line-end check; for such a body (in any chunking, a CRLF split
+    # between chunks included) the wire bytes must be exactly those of the checking path,
+    # for DATA (dot-stuffed) and for BDAT (LineEndEncoder alone).
+    bounds = [0, *sorted(c for c in cuts if c <= len(body)), len(body)]
+    chunks = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    for make in (DotStuffer, LineEndEncoder):
+        checked, trusted = make(), make(crlf_only=True)
+        assert (b"".join(map(checked.encode, chunks)) + checked.finish()
+                == b"".join(map(trusted.encode, chunks)) + trusted.finish())
+
+
 # --- pure reply parsing --------------------------------------------------------------------
 
 def test_reply_parsing() -> None:
@@ -105,13 +122,14 @@ class Body:
     """A message body as the queue would offer it, remembering how it was opened."""
 
     data: bytes = BODY
+    crlf_only: bool = False  # offered as known to have CRLF line ends only
     opened: list[bool] = field(default_factory=list)  # the eight_bit_ok argument of each call
     files: list[io.BytesIO] = field(default_factory=list)
 
-    def open(self, eight_bit_ok: bool) -> Deferred[BinaryIO]:
+    def open(self, eight_bit_ok: bool) -> Deferred[OutboundBody]:
         self.opened.append(eight_bit_ok)
         self.files.append(io.BytesIO(self.data))
-        return succeed(self.files[-1])
+        return succeed(OutboundBody(self.files[-1], self.crlf_only))
 
 
 def message(*recipients: str | OutboundRecipient, body: Body | None = None,
@@ -331,9 +349,10 @@ def test_two_messages_share_one_connection(reactor_thread: ReactorThread,
     assert "RSET" not in session.commands
 
 
-@pytest.mark.parametrize("newline", [b"\r\n", b"\n"])
-def test_dots_on_every_chunk_boundary_arrive_intact(reactor_thread: ReactorThread,
-                                                    sink: SMTPSink, newline: bytes) -> None:
+@pytest.mark.parametrize(("newline", "crlf_only"),
+                         [(b"\r\n", False), (b"\r\n", True), (b"\n", False)])
+def test_dots_on_every_chunk_boundary_arrive_intact(
+        reactor_thread: ReactorThread, sink: SMTPSink, newline: bytes, crlf_only: bool) -> None:
     # The issue's smuggling probe: a "." line straddling every 16 KiB boundary (and so every
     # 64 KiB chunk of ours), a first line starting with ".", and commands after each "." that
     # would run if the data ended early.
@@ -346,7 +365,8 @@ def test_dots_on_every_chunk_boundary_arrive_intact(reactor_thread: ReactorThrea
     body += b"last"
     assert all(body[b - len(newline):b + 1 + len(newline)] == newline + b"." + newline
                for b in boundaries)
-    result = deliver(reactor_thread, sink, message(body=Body(body)))
+    # crlf_only: offered as the queue offers a body it measured at acceptance.
+    result = deliver(reactor_thread, sink, message(body=Body(body, crlf_only)))
     assert only(result).outcome is Outcome.DELIVERED
     [received] = sink.messages()
     assert received.body == normalise(body) and received.data is not None

@@ -7,7 +7,7 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet import defer, threads
 
@@ -16,9 +16,10 @@ from relayhub.delivery.interfaces import Item, WorkSource
 from relayhub.delivery.results import AttemptResult, Outcome
 from relayhub.delivery.tls_plan import TLSPlanner
 from relayhub.dns import DNSError, MXResolver
-from relayhub.mime import body_traits, limit_line_length, to_7bit
+from relayhub.mime import BodyTraits, body_traits, limit_line_length, to_7bit
 from relayhub.queue.store import QueueStore, StoredRecipient
 from relayhub.smtp.client import (
+    OutboundBody,
     OutboundMessage,
     OutboundRecipient,
     SessionEnd,
@@ -33,23 +34,24 @@ MAX_WIRE_LINE = 998
 SMALL_BODY = 64 * 1024
 
 
-def open_for_hop(path: Path, eight_bit_ok: bool) -> BinaryIO:
+def open_for_hop(path: Path, eight_bit_ok: bool, known: BodyTraits | None = None
+                 ) -> OutboundBody:
     """The body as this hop may receive it (blocking: call it in a thread).
 
     Most bodies go out as stored, streamed from the file; only one with 8-bit bytes for a
-    hop without 8BITMIME, or with over-long lines, is converted in memory.
+    hop without 8BITMIME, or with over-long lines, is converted in memory. `known`: the
+    traits the queue recorded at acceptance (the body is CRLF-only), so no scan is needed.
     """
-    traits = body_traits(path)
-    needs_7bit = traits.has_8bit and not eight_bit_ok
-    if not needs_7bit and traits.longest_line <= MAX_WIRE_LINE:
-        return open(path, "rb")
-    data = path.read_bytes()
-    return io.BytesIO(to_7bit(data) if needs_7bit else limit_line_length(data))
+    traits = known or body_traits(path)
+    if not _needs_conversion(traits, eight_bit_ok):
+        return OutboundBody(open(path, "rb"), crlf_only=known is not None)
+    return _converted(path.read_bytes(), traits, eight_bit_ok)
 
 
-def read_small_for_hop(path: str, eight_bit_ok: bool) -> BinaryIO | None:
+def read_small_for_hop(path: str, eight_bit_ok: bool, known: BodyTraits | None = None
+                       ) -> OutboundBody | None:
     """The body as this hop may receive it, in memory, if it is at most SMALL_BODY octets;
-    None if it is larger (then `open_for_hop` in a thread streams it).
+    None if it is larger (then `open_for_hop` streams it).
 
     Called on the reactor thread: one read of a small file the session would otherwise read
     there anyway (ClientProtocol.send_body reads bodies on the reactor thread), and it saves
@@ -63,16 +65,22 @@ def read_small_for_hop(path: str, eight_bit_ok: bool) -> BinaryIO | None:
         data = os.read(fd, SMALL_BODY + 1)
     finally:
         os.close(fd)
-    return None if len(data) > SMALL_BODY else _for_hop(data, eight_bit_ok)
+    if len(data) > SMALL_BODY:
+        return None
+    traits = known or body_traits(data)
+    if _needs_conversion(traits, eight_bit_ok):
+        return _converted(data, traits, eight_bit_ok)
+    return OutboundBody(io.BytesIO(data), crlf_only=known is not None)
 
 
-def _for_hop(data: bytes, eight_bit_ok: bool) -> BinaryIO:
-    traits = body_traits(data)
+def _needs_conversion(traits: BodyTraits, eight_bit_ok: bool) -> bool:
+    return (traits.has_8bit and not eight_bit_ok) or traits.longest_line > MAX_WIRE_LINE
+
+
+def _converted(data: bytes, traits: BodyTraits, eight_bit_ok: bool) -> OutboundBody:
     if traits.has_8bit and not eight_bit_ok:
-        return io.BytesIO(to_7bit(data))
-    if traits.longest_line > MAX_WIRE_LINE:
-        return io.BytesIO(limit_line_length(data))
-    return io.BytesIO(data)
+        return OutboundBody(io.BytesIO(to_7bit(data)))
+    return OutboundBody(io.BytesIO(limit_line_length(data)))
 
 
 class _Outbound:
@@ -151,16 +159,21 @@ class RelayCourier:
         message, recipients = item
         path = self.store.body_path(message.queue_id)
 
-        def open_body(eight_bit_ok: bool) -> defer.Deferred[BinaryIO]:
-            if message.size <= SMALL_BODY:  # the stored size: a hint, checked by the read
-                try:
-                    small = read_small_for_hop(path, eight_bit_ok)
-                except Exception:
-                    return defer.fail()
-                if small is not None:
-                    return defer.succeed(small)
-            opened: defer.Deferred[BinaryIO] = threads.deferToThread(
-                open_for_hop, Path(path), eight_bit_ok)
+        known = message.traits
+
+        def open_body(eight_bit_ok: bool) -> defer.Deferred[OutboundBody]:
+            try:
+                if message.size <= SMALL_BODY:  # the stored size: a hint, checked by the read
+                    small = read_small_for_hop(path, eight_bit_ok, known)
+                    if small is not None:
+                        return defer.succeed(small)
+                if known is not None and not _needs_conversion(known, eight_bit_ok):
+                    # Sent as stored, nothing to scan: opening it is one quick system call.
+                    return defer.succeed(OutboundBody(open(path, "rb"), crlf_only=True))
+            except Exception:
+                return defer.fail()
+            opened: defer.Deferred[OutboundBody] = threads.deferToThread(
+                open_for_hop, Path(path), eight_bit_ok, known)
             return opened
 
         envelope = message.envelope

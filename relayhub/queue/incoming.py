@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from relayhub.mime import BodyMeter, BodyTraits
 from relayhub.queue import spool
 from relayhub.queue.store import IncomingMessage
 
@@ -37,6 +38,7 @@ class SpooledIncoming(IncomingMessage):
         self._finished = False
         self._held: bytearray | None = bytearray()  # the start, until HOLD_LIMIT is passed
         self._front = b""  # prepended once the start had gone to the file
+        self._meter = BodyMeter()
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -44,6 +46,7 @@ class SpooledIncoming(IncomingMessage):
         self._size += len(data)
         if self._error is not None:
             return
+        self._meter.update(data)
         if self._held is not None:
             self._held += data
             if len(self._held) <= HOLD_LIMIT:
@@ -62,6 +65,11 @@ class SpooledIncoming(IncomingMessage):
         else:
             self._front = data + self._front
         self._size += len(data)
+        self._meter.prepend(data)
+
+    def traits(self) -> BodyTraits | None:
+        """What the stored body is (see BodyMeter.traits), recorded with it at commit."""
+        return self._meter.traits()
 
     def body_parts(self) -> tuple[bytes, bytes]:
         """At commit, for the store's thread (`spool.complete`): what is still to be written

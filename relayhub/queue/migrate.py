@@ -26,11 +26,12 @@ from relayhub.queue import pgschema, schema, spool
 from relayhub.queue.ids import is_queue_id
 
 MESSAGE = ("id", "arrival", "sender", "size", "subject", "held", "body_type", "smtputf8", "ret",
-           "envid", "client_name", "client_address", "helo", "protocol", "auth_user")
+           "envid", "client_name", "client_address", "helo", "protocol", "auth_user",
+           "eight_bit", "longest_line")
 RECIPIENT = ("message_id", "idx", "address", "domain", "orcpt", "notify", "status", "attempts",
              "next_attempt", "last_error", "delay_warned", "sender", "give_up")
 HISTORY = ("message_id", "time", "recipient_idx", "relay", "dsn", "text")
-_FLAGS = {"held", "smtputf8", "delay_warned", "give_up"}
+_FLAGS = {"held", "smtputf8", "delay_warned", "give_up", "eight_bit"}
 
 
 class MigrationError(RuntimeError):
@@ -82,7 +83,9 @@ class Side(abc.ABC):
 
 
 def _flags(row: dict[str, Any], to: Callable[[Any], Any]) -> dict[str, Any]:
-    return {key: to(value) if key in _FLAGS else value for key, value in row.items()}
+    # eight_bit may be NULL (not known): it stays so.
+    return {key: to(value) if key in _FLAGS and value is not None else value
+            for key, value in row.items()}
 
 
 class SQLiteSide(Side):
@@ -139,7 +142,7 @@ class SQLiteSide(Side):
         try:
             db.execute(f"INSERT INTO messages ({', '.join(MESSAGE)}) VALUES"
                        f" ({', '.join('?' * len(MESSAGE))})",
-                       [int(v) if k in _FLAGS else v for k, v in copy.message.items()])
+                       list(_flags(copy.message, int).values()))
             db.executemany(f"INSERT INTO recipients ({', '.join(RECIPIENT)}) VALUES"
                            f" ({', '.join('?' * len(RECIPIENT))})",
                            [list(_flags(r, int).values()) for r in copy.recipients])

@@ -73,6 +73,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_seen DOUBLE PRECISION NOT NULL
         )""",
     ),
+    (
+        # The body's traits, measured as it was received (relayhub.mime.BodyMeter), so the
+        # queue manager sends it without scanning it first; NULL: not known, it scans.
+        "ALTER TABLE messages ADD COLUMN eight_bit BOOLEAN",
+        "ALTER TABLE messages ADD COLUMN longest_line INTEGER",
+    ),
 )
 
 # Any number works; it only has to be the same for every relayhub.

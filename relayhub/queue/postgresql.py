@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from relayhub import maillog
 from relayhub.delivery.results import Outcome
 from relayhub.errors import TemporaryFailure
+from relayhub.mime import BodyTraits
 from relayhub.queue import pgschema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
 from relayhub.queue.incoming import QueueStateError, SpooledIncoming
@@ -56,6 +57,8 @@ from relayhub.queue.store import (
     StoredMessage,
     StoredRecipient,
     domain_of,
+    traits_columns,
+    traits_from_columns,
 )
 
 T = TypeVar("T")
@@ -84,7 +87,7 @@ _STATUS_OF = {
 }
 MESSAGE_COLUMNS = (
     "id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,"
-    " client_name, client_address, helo, protocol, auth_user, hub"
+    " client_name, client_address, helo, protocol, auth_user, hub, eight_bit, longest_line"
 )
 RECIPIENT_COLUMNS = (
     "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,"
@@ -159,6 +162,7 @@ class _Job:
     size: int
     envelope: Envelope
     subject: str
+    traits: BodyTraits | None
     # SpooledIncoming.body_parts: still to write at its end, and to put in front.
     rest: bytes = b""
     front: bytes = b""
@@ -234,7 +238,7 @@ class _PGIncoming(SpooledIncoming):
             return fail(TemporaryFailure())
         rest, front = self.body_parts()
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject, rest, front)
+                   subject, self.traits(), rest, front)
         return self._store._commits.add(job).addCallbacks(
             self._store._committed, self._store._not_committed, errbackArgs=(job,))
 
@@ -480,10 +484,10 @@ class PostgreSQLQueueStore(QueueStore):
         env = job.envelope
         conn.execute(
             f"INSERT INTO messages ({MESSAGE_COLUMNS})"
-            " VALUES (%s, %s, %s, %s, %s, FALSE, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " VALUES (%s, %s, %s, %s, %s, FALSE, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (job.queue_id, job.arrival, env.sender, job.size, job.subject, env.body_type,
              env.smtputf8, env.ret, env.envid, env.client_name, env.client_address, env.helo,
-             env.protocol, env.auth_user, self.hub))
+             env.protocol, env.auth_user, self.hub, *traits_columns(job.traits)))
         conn.execute("INSERT INTO bodies (message_id, data) VALUES (%s, %s)",
                      (job.queue_id, body))
         with conn.cursor() as cur:
@@ -900,7 +904,8 @@ def _load(conn: Conn, where: str, args: dict[str, Any]) -> list[StoredMessage]:
     result = []
     for row in messages:
         (queue_id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,
-         client_name, client_address, helo, protocol, auth_user, hub) = row
+         client_name, client_address, helo, protocol, auth_user, hub, eight_bit,
+         longest_line) = row
         stored = tuple(by_message.get(queue_id, ()))
         envelope = Envelope(
             sender=sender,
@@ -911,7 +916,8 @@ def _load(conn: Conn, where: str, args: dict[str, Any]) -> list[StoredMessage]:
             protocol=protocol, auth_user=auth_user)
         result.append(StoredMessage(queue_id=queue_id, envelope=envelope, arrival=arrival,
                                     size=size, subject=subject, held=bool(held),
-                                    recipients=stored, hub=hub))
+                                    recipients=stored, hub=hub,
+                                    traits=traits_from_columns(eight_bit, longest_line)))
     return result
 
 

@@ -75,6 +75,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # `queue pause`: no delivery to these domains until `until` (NULL: until resumed).
         "CREATE TABLE paused (domain TEXT PRIMARY KEY, until REAL)",
     ),
+    (
+        # The body's traits, measured as it was received (relayhub.mime.BodyMeter), so the
+        # queue manager sends it without scanning it first; NULL: not known, it scans.
+        "ALTER TABLE messages ADD COLUMN eight_bit INTEGER",
+        "ALTER TABLE messages ADD COLUMN longest_line INTEGER",
+    ),
 )
 
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayhub.errors import TemporaryFailure
+from relayhub.mime import BodyTraits
 from relayhub.queue import scheduling, schema, spool
 from relayhub.queue.ids import is_queue_id, new_queue_id
 from relayhub.queue.incoming import QueueStateError, SpooledIncoming
@@ -42,6 +43,8 @@ from relayhub.queue.store import (
     StoredMessage,
     StoredRecipient,
     domain_of,
+    traits_columns,
+    traits_from_columns,
 )
 
 T = TypeVar("T")
@@ -63,7 +66,7 @@ ID_ATTEMPTS = 10
 
 MESSAGE_COLUMNS = (
     "id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,"
-    " client_name, client_address, helo, protocol, auth_user"
+    " client_name, client_address, helo, protocol, auth_user, eight_bit, longest_line"
 )
 RECIPIENT_COLUMNS = (
     "message_id, idx, address, orcpt, notify, status, attempts, next_attempt, last_error,"
@@ -107,6 +110,7 @@ class _Job:
     size: int
     envelope: Envelope
     subject: str
+    traits: BodyTraits | None
     # (st_dev, st_ino) once the body is fsync'd and closed; None if that failed.
     identity: spool.FileIdentity | None = None
     # SpooledIncoming.body_parts: still to write at its end, and to put in front.
@@ -140,7 +144,7 @@ class _SQLiteIncoming(SpooledIncoming):
             return fail(storage_failure(self._error))
         rest, front = self.body_parts()
         job = _Job(self.queue_id, self._path, self._file, self._arrival, self._size, envelope,
-                   subject, rest=rest, front=front)
+                   subject, self.traits(), rest=rest, front=front)
         return self._store._sync_then_enqueue(job)
 
 
@@ -462,10 +466,10 @@ class SQLiteQueueStore(QueueStore):
         env = job.envelope
         db.execute(
             f"INSERT INTO messages ({MESSAGE_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job.queue_id, job.arrival, env.sender, job.size, job.subject, env.body_type,
              env.smtputf8, env.ret, env.envid, env.client_name, env.client_address, env.helo,
-             env.protocol, env.auth_user),
+             env.protocol, env.auth_user, *traits_columns(job.traits)),
         )
         db.executemany(
             f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, domain)"
@@ -604,7 +608,7 @@ class SQLiteQueueStore(QueueStore):
     @staticmethod
     def _message(row: tuple[Any, ...], recipients: tuple[StoredRecipient, ...]) -> StoredMessage:
         (queue_id, arrival, sender, size, subject, held, body_type, smtputf8, ret, envid,
-         client_name, client_address, helo, protocol, auth_user) = row
+         client_name, client_address, helo, protocol, auth_user, eight_bit, longest_line) = row
         envelope = Envelope(
             sender=sender,
             recipients=tuple(RecipientRequest(r.address, r.orcpt, r.notify, r.sender)
@@ -614,7 +618,8 @@ class SQLiteQueueStore(QueueStore):
             protocol=protocol, auth_user=auth_user,
         )
         return StoredMessage(queue_id=queue_id, envelope=envelope, arrival=arrival, size=size,
-                             subject=subject, held=bool(held), recipients=recipients)
+                             subject=subject, held=bool(held), recipients=recipients,
+                             traits=traits_from_columns(eight_bit, longest_line))
 
     # -- for the queue manager ------------------------------------------------------------
 

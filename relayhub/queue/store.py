@@ -11,10 +11,12 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
 from relayhub.delivery.results import AttemptResult
+from relayhub.mime import BodyTraits
 
 
 class RecipientStatus(enum.StrEnum):
@@ -94,6 +96,10 @@ class StoredMessage:
     held: bool
     recipients: tuple[StoredRecipient, ...] = field(default_factory=tuple)
     hub: str = ""  # the hub that accepted it, in a queue shared by several ("" otherwise)
+    # Measured as the body was received (relayhub.mime.BodyMeter): its line ends are all
+    # CRLF, and these are its traits, so it is sent without a scan. None: not known (a
+    # bare line end, or queued before this was recorded): scanned and mended on the way out.
+    traits: BodyTraits | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,18 @@ class Recorded(enum.StrEnum):
     KEPT = "kept"  # stored; some recipient is still pending
     REMOVED = "removed"  # stored; every recipient is final, so the message left the queue
     VANISHED = "vanished"  # the message was deleted during the attempt: results discarded
+
+
+def traits_columns(traits: BodyTraits | None) -> tuple[bool | None, int | None]:
+    """A message's body traits as its row keeps them: (eight_bit, longest_line), or NULLs."""
+    return (None, None) if traits is None else (traits.has_8bit, traits.longest_line)
+
+
+def traits_from_columns(eight_bit: Any, longest_line: Any) -> BodyTraits | None:
+    """The inverse of `traits_columns` (SQLite gives 0/1 for the flag)."""
+    if eight_bit is None or longest_line is None:
+        return None
+    return BodyTraits(bool(eight_bit), int(longest_line))
 
 
 def domain_of(address: str) -> str:

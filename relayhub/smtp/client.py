@@ -55,13 +55,22 @@ class OutboundRecipient:
     orcpt: str | None = None  # "addr-type;address", decoded, as the queue keeps it
 
 
+@dataclass(frozen=True)
+class OutboundBody:
+    """A body to send: its file, read here in chunks and closed afterwards, and whether every
+    line end in it is known to be a CRLF (then the chunks go out without a line-end check)."""
+
+    file: BinaryIO
+    crlf_only: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class OutboundMessage:
     """A queued message for this hop.
 
-    `open_body(eight_bit_ok)` gives the body file to send (the caller converts it to 7-bit
-    when the hop lacks 8BITMIME); it is read here in chunks and closed afterwards. It may
-    fail with `SMTPReply` to decide the recipients' fate; any other failure defers them.
+    `open_body(eight_bit_ok)` gives the body to send (the caller converts it to 7-bit when
+    the hop lacks 8BITMIME). It may fail with `SMTPReply` to decide the recipients' fate;
+    any other failure defers them.
     """
 
     queue_id: str
@@ -72,7 +81,7 @@ class OutboundMessage:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
-    open_body: Callable[[bool], Deferred[BinaryIO]]
+    open_body: Callable[[bool], Deferred[OutboundBody]]
 
 
 @dataclass(frozen=True)
@@ -364,20 +373,20 @@ class ClientProtocol(Protocol):
         connection = self._tx.getHandle()
         return f"{connection.get_protocol_version_name()} {connection.get_cipher_name()}"
 
-    def send_body(self, body: BinaryIO, block_timeout: float) -> Deferred[None]:
+    def send_body(self, body: OutboundBody, block_timeout: float) -> Deferred[None]:
         """Stream the body, dot-stuffed and ended by ".", as fast as the peer takes it."""
         waiting = self._wait("body", block_timeout)
         if self.trouble is None:
             # Most bodies fit in one chunk: stuffed and ended in one write, without a
             # producer to register, resume and unregister.
             try:
-                first = body.read(CHUNK_SIZE)
-                more = body.read(1) if len(first) == CHUNK_SIZE else b""
+                first = body.file.read(CHUNK_SIZE)
+                more = body.file.read(1) if len(first) == CHUNK_SIZE else b""
             except OSError as exc:
                 self.body_failed(exc)
                 return waiting
             if not more:
-                encoder = DotStuffer()
+                encoder = DotStuffer(crlf_only=body.crlf_only)
                 send_now(self._tx, encoder.encode(first) + encoder.finish())
                 self._done(None)
                 return waiting
@@ -455,10 +464,10 @@ class ClientProtocol(Protocol):
 class _BodyProducer:
     """Reads the body file chunk by chunk into the transport for as long as it wants more."""
 
-    def __init__(self, protocol: ClientProtocol, body: BinaryIO, block_timeout: float,
+    def __init__(self, protocol: ClientProtocol, body: OutboundBody, block_timeout: float,
                  already_read: bytes = b"") -> None:
-        self._protocol, self._body, self._block_timeout = protocol, body, block_timeout
-        self._encoder = DotStuffer()
+        self._protocol, self._body, self._block_timeout = protocol, body.file, block_timeout
+        self._encoder = DotStuffer(crlf_only=body.crlf_only)
         self._already_read = already_read  # the body's start, read before we were needed
         self._paused = self._stopped = False
 
@@ -655,7 +664,7 @@ class _Session:
         except _SessionOver as over:
             self.over = over
         finally:
-            body.close()
+            body.file.close()
         return [results.get(i) or self._deferral(rcpt) for i, rcpt in enumerate(message.recipients)]
 
     def _deferral(self, rcpt: OutboundRecipient) -> AttemptResult:
@@ -664,7 +673,7 @@ class _Session:
         return self._result(rcpt, Outcome.DEFERRED, self.over.status, self.over.text,
                             remote=self.over.remote)
 
-    async def _transaction(self, message: OutboundMessage, body: BinaryIO,
+    async def _transaction(self, message: OutboundMessage, body: OutboundBody,
                            results: dict[int, AttemptResult]) -> None:
         """One MAIL..DATA exchange, filling `results`; _SessionOver leaves the rest open."""
         t = self.timeouts
@@ -719,15 +728,15 @@ class _Session:
         results.update((i, self._from_reply(rcpts[i], end)) for i in accepted)
 
 
-    async def _send_chunks(self, body: BinaryIO) -> Reply:
+    async def _send_chunks(self, body: OutboundBody) -> Reply:
         """The body as BDAT chunks, each answered before the next is sent; the reply that
         decides the message (to BDAT LAST, or the first refusal of a chunk)."""
         t = self.timeouts
-        encoder = ChunkEncoder()
+        encoder = ChunkEncoder(crlf_only=body.crlf_only)
         pending = b""
         while True:
             try:
-                raw = body.read(BDAT_CHUNK_SIZE)
+                raw = body.file.read(BDAT_CHUNK_SIZE)
             except OSError as exc:
                 self.protocol.abort()  # mid-chunk nothing else can be said on this connection
                 raise _SessionOver(_BodyUnreadable.status, _BodyUnreadable(str(exc)).describe(
