@@ -348,6 +348,9 @@ def test_migration_fills_in_recipient_domains(reactor_thread: ReactorThread,
     try:
         summary = reactor_thread.run(store.summary, time.time())
         assert summary.by_domain == {"example.com": 1, "x.example": 1}
+        # Queued before body traits were recorded: not known, so the queue manager scans it.
+        old = reactor_thread.run(store.get_message, "AAAAAAAAAAAA")
+        assert old is not None and old.traits is None
     finally:
         reactor_thread.run(store.close)
 
