@@ -36,7 +36,8 @@ SMALL_BODY = 64 * 1024
 
 def open_for_hop(path: Path, eight_bit_ok: bool, known: BodyTraits | None = None
                  ) -> OutboundBody:
-    """The body as this hop may receive it (blocking: call it in a thread).
+    """The body as this hop may receive it (blocking when it scans or converts: call it in
+    a thread unless `known` traits need no conversion, when it only opens the file).
 
     Most bodies go out as stored, streamed from the file; only one with 8-bit bytes for a
     hop without 8BITMIME, or with over-long lines, is converted in memory. `known`: the
@@ -169,7 +170,7 @@ class RelayCourier:
                         return defer.succeed(small)
                 if known is not None and not _needs_conversion(known, eight_bit_ok):
                     # Sent as stored, nothing to scan: opening it is one quick system call.
-                    return defer.succeed(OutboundBody(open(path, "rb"), crlf_only=True))
+                    return defer.succeed(open_for_hop(Path(path), eight_bit_ok, known))
             except Exception:
                 return defer.fail()
             opened: defer.Deferred[OutboundBody] = threads.deferToThread(

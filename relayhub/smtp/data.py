@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relayhub.mime import crlf_lines
+
 _CR, _LF, _DOT = 0x0D, 0x0A, 0x2E
 _CRLF = b"\r\n"
 _CRLF_DOT = b"\r\n."
@@ -42,12 +44,7 @@ def clean_lines_end(buf: bytes, pos: int) -> int:
     (`pos` when there is no complete line, or a bare CR or LF among them): the stretch the
     readers take with C-speed bytes operations instead of a Python step per line."""
     end = buf.rfind(_CRLF, pos) + 2
-    if end < 2:
-        return pos
-    # Whatever CR or LF is left once the CRLFs are taken out is a bare one. A split and a
-    # join (with two memchr searches) cost less than counting CRLF, CR and LF apart.
-    rest = b"".join(buf[pos:end].split(_CRLF))
-    if b"\r" in rest or b"\n" in rest:
+    if end < 2 or crlf_lines(buf[pos:end]) is None:
         return pos
     return end
 
